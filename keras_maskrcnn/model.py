@@ -248,9 +248,7 @@ class MaskRCNN(keras.Model):
 
     def _mask_probabilities(self, features, boxes, classes) -> tf.Tensor:
         """``[B, N, 28, 28]`` float32 mask probabilities of each box's class."""
-        logits = self.mask_head(self.mask_roi_align(features[:4], boxes))
-        logits = tf.transpose(logits, [0, 1, 4, 2, 3])
-        return tf.sigmoid(tf.gather(logits, classes, axis=2, batch_dims=2))
+        return tf.sigmoid(self.mask_head(self.mask_roi_align(features[:4], boxes), classes=classes))
 
     def call(self, inputs, training=None, mask_output: Optional[str] = None) -> Dict[str, tf.Tensor]:
         images, image_sizes = self._unpack(inputs)
@@ -323,7 +321,7 @@ class MaskRCNN(keras.Model):
         num_pos_slots = int(self.box_batch_size_per_image * self.box_positive_fraction)
         pos_rois = rois["rois"][:, :num_pos_slots]
         pos_labels = rois["labels"][:, :num_pos_slots]
-        mask_logits = self.mask_head(self.mask_roi_align(features[:4], pos_rois))
+        mask_logits = self.mask_head(self.mask_roi_align(features[:4], pos_rois), classes=pos_labels)
         mask_size = 2 * self.mask_roi_size
         mask_targets = target_fns.mask_targets(
             pos_rois, rois["matched_gt"][:, :num_pos_slots], gt_boxes, gt_masks, mask_size

@@ -14,6 +14,8 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from keras_maskrcnn.layers.conv import Conv2D
+
 BLOCKS_PER_STAGE = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
@@ -77,9 +79,13 @@ class FrozenBatchNormalization(keras.layers.Layer):
         self.moving_mean = weight("moving_mean", "zeros")
         self.moving_variance = weight("moving_variance", "ones")
 
-    def call(self, inputs):
+    def scale_and_shift(self):
+        """float32 ``(scale, shift)`` with ``bn(x) = x * scale + shift``."""
         scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
-        shift = self.beta - self.moving_mean * scale
+        return scale, self.beta - self.moving_mean * scale
+
+    def call(self, inputs):
+        scale, shift = self.scale_and_shift()
         return inputs * ops.cast(scale, inputs.dtype) + ops.cast(shift, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
@@ -102,11 +108,11 @@ def _norm(name: str, norm: str, dtype=None) -> keras.layers.Layer:
 
 
 def _conv(filters: int, kernel_size: int, name: str, strides: int = 1, groups: int = 1, dtype=None):
-    return keras.layers.Conv2D(
+    return Conv2D(
         filters,
         kernel_size,
         strides=strides,
-        padding="valid",
+        padding=kernel_size // 2,  # PyTorch's symmetric padding (7x7: 3, 3x3: 1, 1x1: 0)
         groups=groups,
         use_bias=False,
         # torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -116,6 +122,23 @@ def _conv(filters: int, kernel_size: int, name: str, strides: int = 1, groups: i
         name=name,
         dtype=dtype,
     )
+
+
+def conv_norm(conv: Conv2D, norm: keras.layers.Layer, x, training=None, relu: bool = False, residual=None):
+    """``relu(norm(conv(x)) + residual)``, with the norm folded into the convolution when it is
+    an affine map: always for :class:`FrozenBatchNormalization`, and for ``BatchNormalization`` at
+    inference. Then oneDNN runs all of it as one fused op; a training batch norm runs unfused."""
+    if isinstance(norm, FrozenBatchNormalization):
+        scale, shift = norm.scale_and_shift()
+    elif isinstance(norm, keras.layers.BatchNormalization) and not training:
+        scale = ops.cast(norm.gamma, "float32") * ops.rsqrt(ops.cast(norm.moving_variance, "float32") + norm.epsilon)
+        shift = ops.cast(norm.beta, "float32") - ops.cast(norm.moving_mean, "float32") * scale
+    else:
+        y = norm(conv(x), training=training)
+        if residual is not None:
+            y = y + residual
+        return ops.relu(y) if relu else y
+    return conv(x, residual=residual, scale=scale, shift=shift, relu=relu)
 
 
 def _out_size(size, stride: int):
@@ -130,7 +153,8 @@ class _Block(keras.layers.Layer):
     ``_`` for ``.``, so ``layer1_0_downsample_0`` is torchvision's ``layer1.0.downsample.0``.
     Subclasses set ``expansion`` and ``layer_names`` (their conv/BN attributes, named as in
     torchvision), create those in ``__init__`` and then call :meth:`_init_downsample`, and
-    implement ``_build_residual`` and ``_residual``.
+    implement ``_build_residual`` and ``_residual`` (which adds the shortcut and applies the
+    last ReLU, so both fuse into the last convolution).
     """
 
     expansion: int
@@ -169,11 +193,11 @@ class _Block(keras.layers.Layer):
             self.downsample_conv.build((None, None, None, in_channels))
             self.downsample_bn.build((None, None, None, self.out_channels))
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         shortcut = inputs
         if self.downsample_conv is not None:
-            shortcut = self.downsample_bn(self.downsample_conv(inputs))
-        return ops.relu(self._residual(inputs) + shortcut)
+            shortcut = conv_norm(self.downsample_conv, self.downsample_bn, inputs, training)
+        return self._residual(inputs, shortcut, training)
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape
@@ -189,10 +213,8 @@ class _BasicBlock(_Block):
     def __init__(self, module_path: str, planes: int, strides: int, downsample: bool, **kwargs):
         super().__init__(module_path, planes, strides, **kwargs)
         prefix, dtype = self.prefix, self.dtype_policy
-        self.pad1 = keras.layers.ZeroPadding2D(1, name=f"{prefix}_pad1", dtype=dtype)
         self.conv1 = _conv(planes, 3, f"{prefix}_conv1", strides=strides, dtype=dtype)
         self.bn1 = _norm(f"{prefix}_bn1", self.norm, dtype)
-        self.pad2 = keras.layers.ZeroPadding2D(1, name=f"{prefix}_pad2", dtype=dtype)
         self.conv2 = _conv(planes, 3, f"{prefix}_conv2", dtype=dtype)
         self.bn2 = _norm(f"{prefix}_bn2", self.norm, dtype)
         self._init_downsample(downsample)
@@ -204,9 +226,9 @@ class _BasicBlock(_Block):
         self.bn1.build((None, None, None, planes))
         self.bn2.build((None, None, None, planes))
 
-    def _residual(self, inputs):
-        x = ops.relu(self.bn1(self.conv1(self.pad1(inputs))))
-        return self.bn2(self.conv2(self.pad2(x)))
+    def _residual(self, inputs, shortcut, training):
+        x = conv_norm(self.conv1, self.bn1, inputs, training, relu=True)
+        return conv_norm(self.conv2, self.bn2, x, training, relu=True, residual=shortcut)
 
 
 class _Bottleneck(_Block):
@@ -222,7 +244,6 @@ class _Bottleneck(_Block):
         prefix, dtype = self.prefix, self.dtype_policy
         self.conv1 = _conv(width, 1, f"{prefix}_conv1", dtype=dtype)
         self.bn1 = _norm(f"{prefix}_bn1", self.norm, dtype)
-        self.pad2 = keras.layers.ZeroPadding2D(1, name=f"{prefix}_pad2", dtype=dtype)
         self.conv2 = _conv(width, 3, f"{prefix}_conv2", strides=strides, groups=groups, dtype=dtype)
         self.bn2 = _norm(f"{prefix}_bn2", self.norm, dtype)
         self.conv3 = _conv(self.out_channels, 1, f"{prefix}_conv3", dtype=dtype)
@@ -237,10 +258,10 @@ class _Bottleneck(_Block):
         self.conv2.build((None, None, None, width))
         self.conv3.build((None, None, None, width))
 
-    def _residual(self, inputs):
-        x = ops.relu(self.bn1(self.conv1(inputs)))
-        x = ops.relu(self.bn2(self.conv2(self.pad2(x))))
-        return self.bn3(self.conv3(x))
+    def _residual(self, inputs, shortcut, training):
+        x = conv_norm(self.conv1, self.bn1, inputs, training, relu=True)
+        x = conv_norm(self.conv2, self.bn2, x, training, relu=True)
+        return conv_norm(self.conv3, self.bn3, x, training, relu=True, residual=shortcut)
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
@@ -249,8 +270,9 @@ class ResNet(keras.layers.Layer):
 
     ``conv1`` (7x7, stride 2) -> ``bn1`` -> ReLU -> 3x3 max pool (stride 2) -> ``layer1`` ..
     ``layer4`` of residual blocks (``BasicBlock`` for depth 18/34, ``Bottleneck`` for 50/101/152), with ``FrozenBatchNormalization`` everywhere, no conv biases
-    and PyTorch's symmetric padding (explicit ``ZeroPadding2D`` + ``"valid"``: Keras ``"same"``
+    and PyTorch's symmetric padding (:class:`~keras_maskrcnn.layers.conv.Conv2D`: Keras ``"same"``
     pads only bottom/right when the stride is 2, which shifts every feature map by a pixel).
+    Frozen batch norms are folded into their convolutions (see :func:`conv_norm`).
     Each strided op maps a side ``n`` to ``ceil(n / 2)``, as in torchvision.
 
     Sublayer names follow torchvision's module paths with ``_`` for ``.`` (``conv1``, ``bn1``,
@@ -328,12 +350,10 @@ class ResNet(keras.layers.Layer):
         self.norm = norm
 
         dtype = self.dtype_policy
-        self.conv1_pad = keras.layers.ZeroPadding2D(3, name="conv1_pad", dtype=dtype)
         self.conv1 = _conv(64, 7, "conv1", strides=2, dtype=dtype)
         self.bn1 = _norm("bn1", norm, dtype)
         # PyTorch pads max pooling with -inf; its input is post-ReLU (>= 0) and every 3x3 window
         # holds at least one real pixel, so zero padding gives the same maximum.
-        self.maxpool_pad = keras.layers.ZeroPadding2D(1, name="maxpool_pad", dtype=dtype)
         self.maxpool = keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool", dtype=dtype)
 
         self.blocks = []
@@ -383,13 +403,12 @@ class ResNet(keras.layers.Layer):
             block.build((None, None, None, in_channels))
             in_channels = block.out_channels
 
-    def call(self, images):
-        x = self.conv1(self.conv1_pad(images))
-        x = ops.relu(self.bn1(x))
-        x = self.maxpool(self.maxpool_pad(x))
+    def call(self, images, training=None):
+        x = conv_norm(self.conv1, self.bn1, images, training, relu=True)
+        x = self.maxpool(ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]))
         features = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, training=training)
             if i in self._stage_ends:
                 features.append(x)
         return features

@@ -7,6 +7,14 @@ import keras
 import tensorflow as tf
 
 
+def _dense(layer: keras.layers.Dense, x: tf.Tensor, relu: bool = False) -> tf.Tensor:
+    # MatMul + BiasAdd (+ Relu) is what oneDNN fuses into one op; Keras' Dense adds its bias
+    # with a broadcasting add that it does not.
+    dtype = layer.compute_dtype
+    x = tf.nn.bias_add(tf.matmul(tf.cast(x, dtype), tf.cast(layer.kernel, dtype)), tf.cast(layer.bias, dtype))
+    return tf.nn.relu(x) if relu else x
+
+
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
 class BoxHead(keras.layers.Layer):
     """Two fully connected layers, then class logits and class-specific box deltas.
@@ -57,9 +65,9 @@ class BoxHead(keras.layers.Layer):
         batch, num = shape[0], shape[1]
         flat_size = roi_features.shape[2] * roi_features.shape[3] * roi_features.shape[4]
         x = tf.reshape(roi_features, [-1, flat_size])
-        x = self.fc7(self.fc6(x))
-        logits = tf.cast(self.cls_score(x), tf.float32)
-        deltas = tf.cast(self.bbox_pred(x), tf.float32)
+        x = _dense(self.fc7, _dense(self.fc6, x, relu=True), relu=True)
+        logits = tf.cast(_dense(self.cls_score, x), tf.float32)
+        deltas = tf.cast(_dense(self.bbox_pred, x), tf.float32)
         logits = tf.reshape(logits, [batch, num, self.num_classes + 1])
         deltas = tf.reshape(deltas, [batch, num, self.num_classes + 1, 4])
         return logits, deltas

@@ -6,6 +6,8 @@ from typing import List, Sequence
 import keras
 import tensorflow as tf
 
+from keras_maskrcnn.layers.conv import Conv2D
+
 
 def _upsample_nearest(x: tf.Tensor, size) -> tf.Tensor:
     # PyTorch's "nearest" (src = floor(dst * in / out)), not TF2's half-pixel variant.
@@ -38,13 +40,11 @@ class FeaturePyramidNetwork(keras.layers.Layer):
         self.channels = channels
         init = keras.initializers.LecunUniform()  # = torchvision FPN kaiming_uniform_(a=1)
         self.lateral_convs = [
-            keras.layers.Conv2D(channels, 1, kernel_initializer=init, dtype=self.dtype_policy, name=f"inner_{i}")
+            Conv2D(channels, 1, kernel_initializer=init, dtype=self.dtype_policy, name=f"inner_{i}")
             for i in range(4)
         ]
         self.output_convs = [
-            keras.layers.Conv2D(
-                channels, 3, padding="same", kernel_initializer=init, dtype=self.dtype_policy, name=f"layer_{i}"
-            )
+            Conv2D(channels, 3, padding="same", kernel_initializer=init, dtype=self.dtype_policy, name=f"layer_{i}")
             for i in range(4)
         ]
 
@@ -59,8 +59,9 @@ class FeaturePyramidNetwork(keras.layers.Layer):
         last = self.lateral_convs[3](features[3])
         outputs = [self.output_convs[3](last)]
         for i in (2, 1, 0):
-            lateral = self.lateral_convs[i](features[i])
-            last = lateral + _upsample_nearest(last, tf.shape(lateral)[1:3])
+            # The top-down sum is fused into the lateral convolution.
+            top_down = _upsample_nearest(last, tf.shape(features[i])[1:3])
+            last = self.lateral_convs[i](features[i], residual=top_down)
             outputs.insert(0, self.output_convs[i](last))
         outputs.append(outputs[-1][:, ::2, ::2, :])
         return outputs

@@ -4,6 +4,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_maskrcnn.layers.conv import Conv2D
+
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
 class MaskHead(keras.layers.Layer):
@@ -11,10 +13,12 @@ class MaskHead(keras.layers.Layer):
 
     Call arguments:
         roi_features: ``[B, N, S, S, C]`` pooled features (``S = 14`` by default).
+        classes: optional ``[B, N]`` int class of each RoI; then only that class's logits are
+            computed (inference: the mask of the detected class).
 
     Returns:
         ``[B, N, 2S, 2S, num_classes + 1]`` float32 mask logits, one channel per class (0 is
-        background, kept so channel ``k`` is class ``k``).
+        background, kept so channel ``k`` is class ``k``); ``[B, N, 2S, 2S]`` with ``classes``.
 
     Example:
         >>> head = MaskHead(num_classes=3, channels=16)
@@ -30,13 +34,13 @@ class MaskHead(keras.layers.Layer):
         init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
         common = dict(kernel_initializer=init, bias_initializer="zeros", dtype=self.dtype_policy)
         self.convs = [
-            keras.layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"mask_fcn{i + 1}", **common)
+            Conv2D(channels, 3, padding="same", activation="relu", name=f"mask_fcn{i + 1}", **common)
             for i in range(num_convs)
         ]
         self.upsample = keras.layers.Conv2DTranspose(
             channels, 2, strides=2, activation="relu", name="conv5_mask", **common
         )
-        self.logits = keras.layers.Conv2D(num_classes + 1, 1, name="mask_fcn_logits", **common)
+        self.logits = Conv2D(num_classes + 1, 1, name="mask_fcn_logits", **common)
 
     def build(self, input_shape):
         in_channels = input_shape[-1]
@@ -47,14 +51,38 @@ class MaskHead(keras.layers.Layer):
         self.logits.build((None, None, None, self.channels))
         self.built = True
 
-    def call(self, roi_features: tf.Tensor) -> tf.Tensor:
+    def call(self, roi_features: tf.Tensor, classes=None) -> tf.Tensor:
         shape = tf.shape(roi_features)
-        size = roi_features.shape[2]
+        size, dtype = roi_features.shape[2], self.compute_dtype
         x = tf.reshape(roi_features, [-1, size, size, roi_features.shape[-1]])
         for conv in self.convs:
             x = conv(x)
-        x = self.logits(self.upsample(x))
-        return tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], 2 * size, 2 * size, self.num_classes + 1])
+        x = self._upsample(x)  # [B * N, 2S, 2S, C]
+        x = tf.reshape(x, [shape[0], shape[1], 4 * size * size, self.channels])
+        kernel = tf.reshape(tf.cast(self.logits.kernel, dtype), [self.channels, self.num_classes + 1])
+        bias = tf.cast(self.logits.bias, dtype)
+        if classes is None:
+            x = tf.nn.bias_add(tf.matmul(x, kernel), bias)
+            return tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], 2 * size, 2 * size, self.num_classes + 1])
+        # One class per RoI: [B, N, P, C] @ [B, N, C, 1], 1 / (K + 1) of the work.
+        class_kernels = tf.gather(tf.transpose(kernel), classes)  # [B, N, C]
+        x = tf.matmul(x, class_kernels[..., None])[..., 0] + tf.gather(bias, classes)[..., None]
+        return tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], 2 * size, 2 * size])
+
+    def _upsample(self, x: tf.Tensor) -> tf.Tensor:
+        """The 2x2 stride-2 transposed conv + ReLU as one matmul and a depth-to-space.
+
+        With kernel = stride the output pixel ``(2i + dy, 2j + dx)`` sees only input ``(i, j)``
+        and kernel tap ``(dy, dx)``: a per-pixel matmul to ``4 C`` channels, then a shuffle.
+        """
+        dtype = self.compute_dtype
+        kernel = tf.cast(self.upsample.kernel, dtype)  # [2, 2, C_out, C_in]
+        c_in, c_out = kernel.shape[3], kernel.shape[2]
+        kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [c_in, 4 * c_out])
+        bias = tf.tile(tf.cast(self.upsample.bias, dtype), [4])
+        shape = tf.shape(x)
+        y = tf.nn.relu(tf.nn.bias_add(tf.matmul(tf.reshape(x, [-1, c_in]), kernel), bias))
+        return tf.nn.depth_to_space(tf.reshape(y, [shape[0], shape[1], shape[2], 4 * c_out]), 2)
 
     def get_config(self):
         config = super().get_config()

@@ -6,6 +6,8 @@ from typing import List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from keras_maskrcnn.layers.conv import Conv2D
+
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
 class RPNHead(keras.layers.Layer):
@@ -35,9 +37,9 @@ class RPNHead(keras.layers.Layer):
         self.channels = channels
         init = keras.initializers.RandomNormal(stddev=0.01)
         common = dict(kernel_initializer=init, bias_initializer="zeros", dtype=self.dtype_policy)
-        self.conv = keras.layers.Conv2D(channels, 3, padding="same", activation="relu", name="conv", **common)
-        self.cls_logits = keras.layers.Conv2D(num_anchors, 1, name="cls_logits", **common)
-        self.bbox_pred = keras.layers.Conv2D(4 * num_anchors, 1, name="bbox_pred", **common)
+        self.conv = Conv2D(channels, 3, padding="same", activation="relu", name="conv", **common)
+        self.cls_logits = Conv2D(num_anchors, 1, name="cls_logits", **common)
+        self.bbox_pred = Conv2D(4 * num_anchors, 1, name="bbox_pred", **common)
 
     def build(self, input_shape):
         in_channels = input_shape[0][-1]
@@ -49,11 +51,20 @@ class RPNHead(keras.layers.Layer):
     def call(self, features: Sequence[tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor, List[tf.Tensor]]:
         objectness, deltas, counts = [], [], []
         batch = tf.shape(features[0])[0]
+        a, dtype = self.num_anchors, self.compute_dtype
+        # Both 1x1 convs as one matmul: a 1x1 conv with 3 outputs is slow in oneDNN.
+        kernel = tf.concat(
+            [tf.reshape(self.cls_logits.kernel, [self.channels, a]), tf.reshape(self.bbox_pred.kernel, [self.channels, 4 * a])],
+            axis=1,
+        )
+        bias = tf.concat([self.cls_logits.bias, self.bbox_pred.bias], axis=0)
+        kernel, bias = tf.cast(kernel, dtype), tf.cast(bias, dtype)
         for x in features:
-            t = self.conv(x)
-            logits = tf.cast(self.cls_logits(t), tf.float32)
-            objectness.append(tf.reshape(logits, [batch, -1]))
-            deltas.append(tf.reshape(tf.cast(self.bbox_pred(t), tf.float32), [batch, -1, 4]))
+            t = tf.reshape(self.conv(x), [-1, self.channels])
+            out = tf.cast(tf.nn.bias_add(tf.matmul(t, kernel), bias), tf.float32)
+            out = tf.reshape(out, [batch, -1, 5 * a])  # [B, H * W, A + 4 A]
+            objectness.append(tf.reshape(out[..., :a], [batch, -1]))
+            deltas.append(tf.reshape(out[..., a:], [batch, -1, 4]))
             counts.append(tf.shape(objectness[-1])[1])
         return tf.concat(objectness, axis=1), tf.concat(deltas, axis=1), counts
 
