@@ -84,8 +84,9 @@ def parse_args(argv=None):
                    help="train only: ground-truth instances per image "
                    "(default 5).")
     p.add_argument("--seed", type=int, default=0,
-                   help="Random seed for weights, images and labels "
-                   "(default 0).")
+                   help="Random seed for images and labels, and the global TF "
+                   "seed for weights (best effort: Model Garden's in-graph "
+                   "sampling is not bit-reproducible) (default 0).")
     args = p.parse_args(argv)
     if args.height <= 0 or args.width <= 0 or args.batch <= 0 or args.runs <= 0:
         p.error("--height, --width, --batch and --runs must be positive")
@@ -271,14 +272,14 @@ def setup_train(args, exp):
             "random weights, MaskRCNNTask.train_step (RPN+Fast R-CNN+mask "
             "losses, L2 %g) with task.create_optimizer (%s, momentum 0.9%s) "
             "in tf.function without XLA (Model Garden enables XLA only on "
-            "GPU); labels from maskrcnn_input.Parser (augmentation off), %d "
-            "random boxes/masks per image; timed until loss fetched; losses "
-            "%s%s." % (
+            "GPU); labels from maskrcnn_input.Parser (augmentation off, %s "
+            "images), %d random boxes/masks per image; timed until loss "
+            "fetched; losses %s%s." % (
                 tc.losses.l2_weight_decay, type(optimizer).__name__,
                 "" if not isinstance(
                     optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
                 else ", loss-scaled",
-                args.gt_boxes, [round(x, 4) for x in losses],
+                images.dtype.name, args.gt_boxes, [round(x, 4) for x in losses],
                 "" if finite else " (NON-FINITE)"))
 
     return step, describe, notes

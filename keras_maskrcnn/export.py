@@ -59,7 +59,7 @@ OUTPUT_NAMES = ("boxes", "scores", "classes", "num_detections", "masks")
 # custom_ops/) is ever wired into MultiLevelROIAlign, give the layer one of these switches (or add
 # its switch here) so that export traces the stock path; the op check after saving
 # (`_check_stock_ops`) fails the export if a non-stock op still reaches the graph.
-STOCK_OP_SWITCHES = {"use_custom_op": False}
+STOCK_OP_SWITCHES = {"use_custom_op": False, "jit_compile_masks": False}
 
 
 # --------------------------------------------------------------------------- version folders

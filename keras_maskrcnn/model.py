@@ -19,7 +19,7 @@ from keras_maskrcnn.layers.roi_align import MultiLevelROIAlign
 from keras_maskrcnn.layers.rpn import RPNHead
 from keras_maskrcnn import losses as loss_fns
 from keras_maskrcnn import targets as target_fns
-from keras_maskrcnn.ops.paste_masks import paste_masks
+from keras_maskrcnn.ops.paste_masks import paste_masks, paste_masks_binary
 
 MASK_FORMATS = ("binary", "probability", "box")
 LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
@@ -48,6 +48,10 @@ class MaskRCNN(keras.Model):
         mask_output: what ``call`` returns as ``masks``: ``"binary"`` (uint8 0/1 pasted into the
             input image, ``[B, N, H, W]``, probability ``> mask_threshold``), ``"probability"``
             (float32, same shape) or ``"box"`` (float32 box-relative ``[B, N, 28, 28]``).
+        gt_mask_size: side of the box-relative ground-truth masks the data pipeline provides.
+        jit_compile_masks: paste ``"binary"`` masks with XLA (about twice as fast on the CPU: the
+            float masks are never written to memory; compiled once per input size). Export to a
+            SavedModel never uses it (TF Serving runs XLA only when told to).
         The remaining arguments are torchvision's hyperparameters of the same names.
 
     Inputs:
@@ -107,6 +111,7 @@ class MaskRCNN(keras.Model):
         max_size: int = 1333,
         size_divisible: int = 32,
         gt_mask_size: int = 64,
+        jit_compile_masks: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +147,7 @@ class MaskRCNN(keras.Model):
         self.max_size = max_size
         self.size_divisible = size_divisible
         self.gt_mask_size = gt_mask_size
+        self.jit_compile_masks = jit_compile_masks
 
         policy = self.dtype_policy
         self._backbone_name = backbone if isinstance(backbone, str) else None
@@ -263,13 +269,14 @@ class MaskRCNN(keras.Model):
     def _format_masks(self, masks, detections, height, width, mask_output=None) -> tf.Tensor:
         mask_output = mask_output or self.mask_output
         row_valid = tf.range(tf.shape(masks)[1])[None, :] < detections["num_detections"][:, None]
+        masks = tf.where(row_valid[..., None, None], masks, 0.0)  # a zero mask pastes as zeros
         if mask_output == "box":
-            return tf.where(row_valid[..., None, None], masks, 0.0)
-        pasted = paste_masks(masks, detections["boxes"], height, width)
-        pasted = tf.where(row_valid[..., None, None], pasted, 0.0)
+            return masks
         if mask_output == "probability":
-            return pasted
-        return tf.cast(pasted > self.mask_threshold, tf.uint8)
+            return paste_masks(masks, detections["boxes"], height, width)
+        return paste_masks_binary(
+            masks, detections["boxes"], height, width, self.mask_threshold, jit_compile=self.jit_compile_masks
+        )
 
     # ----------------------------------------------------------------------------- training
     def compute_losses(self, inputs, targets, training: bool = True) -> Dict[str, tf.Tensor]:
@@ -464,6 +471,7 @@ class MaskRCNN(keras.Model):
                 "max_size": self.max_size,
                 "size_divisible": self.size_divisible,
                 "gt_mask_size": self.gt_mask_size,
+                "jit_compile_masks": self.jit_compile_masks,
             }
         )
         return config

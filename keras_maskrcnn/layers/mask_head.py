@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_maskrcnn.layers.conv import Conv2D
+from keras_maskrcnn.layers.conv import Conv2D, fused_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
@@ -70,19 +70,19 @@ class MaskHead(keras.layers.Layer):
         return tf.reshape(tf.cast(x, tf.float32), [shape[0], shape[1], 2 * size, 2 * size])
 
     def _upsample(self, x: tf.Tensor) -> tf.Tensor:
-        """The 2x2 stride-2 transposed conv + ReLU as one matmul and a depth-to-space.
+        """The 2x2 stride-2 transposed conv + ReLU as a 1x1 conv to ``4 C`` channels and a
+        depth-to-space (several times faster than oneDNN's transposed conv).
 
         With kernel = stride the output pixel ``(2i + dy, 2j + dx)`` sees only input ``(i, j)``
-        and kernel tap ``(dy, dx)``: a per-pixel matmul to ``4 C`` channels, then a shuffle.
+        and kernel tap ``(dy, dx)``, so output channel ``(2 dy + dx) C + c`` of the 1x1 conv is
+        tap ``(dy, dx)``, which ``depth_to_space`` moves into place.
         """
         dtype = self.compute_dtype
         kernel = tf.cast(self.upsample.kernel, dtype)  # [2, 2, C_out, C_in]
         c_in, c_out = kernel.shape[3], kernel.shape[2]
-        kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [c_in, 4 * c_out])
+        kernel = tf.reshape(tf.transpose(kernel, [3, 0, 1, 2]), [1, 1, c_in, 4 * c_out])
         bias = tf.tile(tf.cast(self.upsample.bias, dtype), [4])
-        shape = tf.shape(x)
-        y = tf.nn.relu(tf.nn.bias_add(tf.matmul(tf.reshape(x, [-1, c_in]), kernel), bias))
-        return tf.nn.depth_to_space(tf.reshape(y, [shape[0], shape[1], shape[2], 4 * c_out]), 2)
+        return tf.nn.depth_to_space(fused_conv2d(x, kernel, bias, relu=True), 2)
 
     def get_config(self):
         config = super().get_config()

@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from keras_maskrcnn.layers.conv import Conv2D
+from keras_maskrcnn.layers.conv import Conv2D, fused_conv2d
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
@@ -52,16 +52,12 @@ class RPNHead(keras.layers.Layer):
         objectness, deltas, counts = [], [], []
         batch = tf.shape(features[0])[0]
         a, dtype = self.num_anchors, self.compute_dtype
-        # Both 1x1 convs as one matmul: a 1x1 conv with 3 outputs is slow in oneDNN.
-        kernel = tf.concat(
-            [tf.reshape(self.cls_logits.kernel, [self.channels, a]), tf.reshape(self.bbox_pred.kernel, [self.channels, 4 * a])],
-            axis=1,
-        )
+        # Both 1x1 convs as one (oneDNN is slow on a conv with only A = 3 outputs).
+        kernel = tf.concat([self.cls_logits.kernel, self.bbox_pred.kernel], axis=-1)  # [1, 1, C, 5 A]
         bias = tf.concat([self.cls_logits.bias, self.bbox_pred.bias], axis=0)
         kernel, bias = tf.cast(kernel, dtype), tf.cast(bias, dtype)
         for x in features:
-            t = tf.reshape(self.conv(x), [-1, self.channels])
-            out = tf.cast(tf.nn.bias_add(tf.matmul(t, kernel), bias), tf.float32)
+            out = tf.cast(fused_conv2d(self.conv(x), kernel, bias), tf.float32)
             out = tf.reshape(out, [batch, -1, 5 * a])  # [B, H * W, A + 4 A]
             objectness.append(tf.reshape(out[..., :a], [batch, -1]))
             deltas.append(tf.reshape(out[..., a:], [batch, -1, 4]))

@@ -1,0 +1,228 @@
+"""keras_maskrcnn against TensorFlow Model Garden's Mask R-CNN, side by side in one run.
+
+    bash ../shared/tools/setup_model_garden_peer.sh /tmp/tfm-venv     # once: the peer's own venv
+    python benchmarks/compare_model_garden.py --runs 5 --markdown BENCHMARKS.md
+
+Both systems run the torchvision / COCO Mask R-CNN R50-FPN configuration with random weights
+(91 logits incl. background), on the same random input, one configuration per fresh process, so
+that the first call (tracing and compiling) and the peak memory (``ru_maxrss``) belong to that
+configuration. Configurations: inference at 1024x1024, batch 1 and 4, float32 and
+mixed_bfloat16; one training step (forward, five losses, gradients, SGD update) at 512x512,
+batch 2, in both precisions. Each time is the median of ``--runs`` calls after the first, every
+call timed until its outputs are in numpy. The two systems alternate configuration by
+configuration, so load on the machine affects both alike; compare the ratios.
+
+keras_maskrcnn returns its default output: binary masks pasted into the image
+(``[B, 100, H, W]`` uint8). Model Garden returns 28x28 box-relative masks and does not paste them,
+so our number includes work the peer skips.
+
+``--worker ours ...`` runs one of our configurations and prints its JSON (used internally);
+Model Garden's worker is ``benchmarks/peer_model_garden.py``, run with the peer's Python.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_PEER_PYTHON = "/tmp/tfm-venv/bin/python"
+
+CONFIGS = [
+    ("infer", 1024, 1024, 1, "float32"),
+    ("infer", 1024, 1024, 1, "mixed_bfloat16"),
+    ("infer", 1024, 1024, 4, "float32"),
+    ("infer", 1024, 1024, 4, "mixed_bfloat16"),
+    ("train", 512, 512, 2, "float32"),
+    ("train", 512, 512, 2, "mixed_bfloat16"),
+]
+MARK_BEGIN = "<!-- compare_model_garden: begin -->"
+MARK_END = "<!-- compare_model_garden: end -->"
+
+
+# ------------------------------------------------------------------------------ our worker
+def _timed_calls(fn, runs: int):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def run_ours(mode: str, height: int, width: int, batch: int, precision: str, runs: int, masks: str) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_maskrcnn import MaskRCNN
+    from keras_maskrcnn.data import synthetic_dataset
+
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    model = MaskRCNN(num_classes=90)
+    if mode == "infer":
+        images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), np.uint8))
+        infer = tf.function(lambda x: model(x, mask_output=masks))
+
+        def call():
+            return tf.nest.map_structure(lambda t: t.numpy(), infer(images))
+
+        notes = f"masks: {masks} ({'pasted into the image, uint8' if masks == 'binary' else '28x28 box-relative'})"
+    else:
+        data = synthetic_dataset(batch, batch, image_size=(height, width), num_classes=5, seed=0)
+        inputs, targets = next(iter(data))
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+
+        def call():
+            return model.train_on_batch(inputs, targets)
+
+        notes = f"{int(tf.reduce_sum(tf.cast(targets['classes'] > 0, tf.int32)))} ground-truth instances in the batch"
+    first, times = _timed_calls(call, runs)
+    return {
+        "system": "keras_maskrcnn",
+        "mode": mode,
+        "height": height,
+        "width": width,
+        "batch": batch,
+        "precision": precision,
+        "first_call_s": first,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "tf_version": tf.__version__,
+        "notes": notes,
+    }
+
+
+# ------------------------------------------------------------------------------ orchestration
+def _run_worker(command, timeout: float) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def _fmt(value, spec=".2f", suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _table(rows) -> str:
+    lines = [
+        "| run | precision | ours median s | Model Garden median s | speed-up | ours first call s | "
+        "Model Garden first call s | ours peak MiB | Model Garden peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, ours, peer in rows:
+        mode, h, w, b, precision = config
+        name = f"{'inference' if mode == 'infer' else 'train step'} {h}x{w}, batch {b}"
+        o, p = ours.get("median_s"), peer.get("median_s")
+        ratio = p / o if o and p else None
+        lines.append(
+            f"| {name} | {precision} | {_fmt(o)} | {_fmt(p) if p else peer.get('error', '-')} | {_fmt(ratio, '.2f', 'x')} "
+            f"| {_fmt(ours.get('first_call_s'), '.1f')} | {_fmt(peer.get('first_call_s'), '.1f')} "
+            f"| {_fmt(ours.get('peak_rss_mib'), '.0f')} | {_fmt(peer.get('peak_rss_mib'), '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
+    ours_tf = next((r[1].get("tf_version") for r in rows if "tf_version" in r[1]), "?")
+    peer_tf = next((r[2].get("tf_version") for r in rows if "tf_version" in r[2]), "?")
+    details = "\n".join(
+        f"- {c[0]} {c[1]}x{c[2]} b{c[3]} {c[4]}: ours {[round(t, 3) for t in o.get('times_s', [])]}, "
+        f"Model Garden {[round(t, 3) for t in p.get('times_s', [])]}"
+        for c, o, p in rows
+    )
+    section = f"""{MARK_BEGIN}
+## keras_maskrcnn vs TF Model Garden, same machine, same run
+
+Command: `{command}` ({datetime.date.today().isoformat()}; keras_maskrcnn on TensorFlow {ours_tf},
+Model Garden 2.20 on TensorFlow {peer_tf}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores;
+load average {loads[0]} before, {loads[1]} after). Medians of the timed calls after the first;
+speed-up = Model Garden time / ours. Our inference output includes binary masks pasted into the
+image (`[B, 100, H, W]` uint8); Model Garden's stops at 28x28 box-relative masks.
+
+{table}
+
+Every timed call:
+{details}
+{MARK_END}"""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="timed calls after the first (median reported)")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="Python of the Model Garden venv")
+    parser.add_argument("--only", choices=["infer", "train"], help="run only these configurations")
+    parser.add_argument("--skip-peer", action="store_true", help="time keras_maskrcnn only")
+    parser.add_argument("--markdown", help="write the table into this file (replacing an earlier one)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and system")
+    parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["infer", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--height", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--masks", default="binary", choices=["binary", "box"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = run_ours(args.mode, args.height, args.width, args.batch, args.precision, args.runs, args.masks)
+        print(json.dumps(result))
+        return
+
+    if not args.skip_peer and not os.path.exists(args.peer_python):
+        sys.exit(f"Model Garden's Python {args.peer_python} not found: run ../shared/tools/setup_model_garden_peer.sh")
+    loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
+    rows = []
+    for config in CONFIGS:
+        mode, h, w, b, precision = config
+        if args.only and mode != args.only:
+            continue
+        common = ["--mode", mode, "--height", str(h), "--width", str(w), "--batch", str(b),
+                  "--precision", precision, "--runs", str(args.runs)]
+        ours = _run_worker([sys.executable, os.path.abspath(__file__), "--worker", "ours"] + common, args.timeout)
+        peer = {} if args.skip_peer else _run_worker(
+            [args.peer_python, os.path.join(HERE, "peer_model_garden.py")] + common, args.timeout
+        )
+        rows.append((config, ours, peer))
+        print(_table([rows[-1]]).splitlines()[-1], flush=True)
+    loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    table = _table(rows)
+    print(table)
+    if args.markdown:
+        command = "python benchmarks/compare_model_garden.py " + " ".join(
+            a for a in sys.argv[1:] if not a.startswith("--markdown") and a != args.markdown
+        )
+        _write_markdown(args.markdown, command.strip() + " --markdown BENCHMARKS.md", table, rows, loads)
+
+
+if __name__ == "__main__":
+    main()
