@@ -23,6 +23,8 @@ def main():
     parser.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument("--decay-steps", type=int, default=1500, help="cosine decay length (steps)")
     parser.add_argument("--rois", type=int, default=64, help="sampled RoIs per image")
     parser.add_argument("--proposals", type=int, default=300, help="RPN proposals per image in training")
     parser.add_argument("--eval-images", type=int, default=50)
@@ -42,9 +44,13 @@ def main():
     model = MaskRCNN(num_classes=3, **config)
     steps_per_epoch = 50
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=1500, warmup_target=args.lr, warmup_steps=100, alpha=0.05
+        0.0, decay_steps=args.decay_steps, warmup_target=args.lr, warmup_steps=100, alpha=0.05
     )
-    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4, clipnorm=10.0))
+    if args.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4, clipnorm=10.0)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=10.0)
+    model.compile(optimizer=optimizer)
     start = time.time()
     history = model.fit(train, epochs=1000, steps_per_epoch=steps_per_epoch, callbacks=[TimeLimit(args.minutes * 60)], verbose=2)
     train_seconds = time.time() - start
@@ -58,6 +64,7 @@ def main():
         "train_seconds": round(train_seconds, 1),
         "steps": len(history.history["loss"]) * steps_per_epoch,
         "precision": args.precision,
+        "args": vars(args),
         "first_loss": history.history["loss"][0],
         "last_loss": history.history["loss"][-1],
         "bbox": metrics["bbox"],

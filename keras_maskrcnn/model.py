@@ -151,7 +151,9 @@ class MaskRCNN(keras.Model):
 
         policy = self.dtype_policy
         self._backbone_name = backbone if isinstance(backbone, str) else None
-        self.backbone = build_backbone(backbone, trainable_layers=trainable_backbone_layers, norm=backbone_norm)
+        self.backbone = build_backbone(
+            backbone, trainable_layers=trainable_backbone_layers, norm=backbone_norm, dtype=policy
+        )
         self.fpn = FeaturePyramidNetwork(fpn_channels, dtype=policy, name="fpn")
         self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, name="anchor_generator")
         self.rpn_head = RPNHead(len(aspect_ratios), fpn_channels, dtype=policy, name="rpn_head")

@@ -470,7 +470,7 @@ def backbone_channels(backbone: keras.layers.Layer) -> tuple[int, ...]:
 
 
 def build_backbone(
-    backbone: str | keras.Model, trainable_layers: int = 3, norm: str = "frozen_bn"
+    backbone: str | keras.Model, trainable_layers: int = 3, norm: str = "frozen_bn", dtype=None
 ) -> keras.layers.Layer | keras.Model:
     """A backbone by name, or a user model checked to produce ``[C2, C3, C4, C5]``.
 
@@ -481,6 +481,7 @@ def build_backbone(
         trainable_layers: for named backbones, see :class:`ResNet`. A user model keeps its own
             ``trainable`` settings.
         norm: for named backbones, ``"frozen_bn"`` or ``"batch_norm"`` (see :class:`ResNet`).
+        dtype: dtype policy of a named backbone (default: the global policy).
 
     Example:
 
@@ -493,7 +494,7 @@ def build_backbone(
     if isinstance(backbone, str):
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)} or a keras.Model, got {backbone!r}.")
-        return ResNet(**BACKBONES[backbone], trainable_layers=trainable_layers, norm=norm, name=backbone)
+        return ResNet(**BACKBONES[backbone], trainable_layers=trainable_layers, norm=norm, name=backbone, dtype=dtype)
     if isinstance(backbone, keras.Model):
         backbone_channels(backbone)
         return backbone
