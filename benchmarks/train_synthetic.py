@@ -11,7 +11,7 @@ import time
 import keras
 
 from keras_maskrcnn import MaskRCNN
-from keras_maskrcnn.callbacks import TimeLimit
+from keras_maskrcnn.callbacks import CosineDecayOverTime, TimeLimit
 from keras_maskrcnn.data import SyntheticShapes, synthetic_dataset
 from keras_maskrcnn.evaluation import evaluate_coco
 from keras_maskrcnn.presets import small_model_config
@@ -24,6 +24,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument("--schedule", default="time", choices=["time", "steps"],
+                        help="cosine decay over the time budget, or over --decay-steps steps")
     parser.add_argument("--decay-steps", type=int, default=1500, help="cosine decay length (steps)")
     parser.add_argument("--rois", type=int, default=64, help="sampled RoIs per image")
     parser.add_argument("--proposals", type=int, default=300, help="RPN proposals per image in training")
@@ -43,16 +45,21 @@ def main():
     )
     model = MaskRCNN(num_classes=3, **config)
     steps_per_epoch = 50
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=args.decay_steps, warmup_target=args.lr, warmup_steps=100, alpha=0.05
-    )
-    if args.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=1e-4, clipnorm=10.0)
+    callbacks = [TimeLimit(args.minutes * 60)]
+    if args.schedule == "time":
+        learning_rate = args.lr
+        callbacks.append(CosineDecayOverTime(args.lr, args.minutes * 60, warmup_steps=100, final_fraction=0.05))
     else:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=10.0)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=args.decay_steps, warmup_target=args.lr, warmup_steps=100, alpha=0.05
+        )
+    if args.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4, clipnorm=10.0)
+    else:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=1e-4, clipnorm=10.0)
     model.compile(optimizer=optimizer)
     start = time.time()
-    history = model.fit(train, epochs=1000, steps_per_epoch=steps_per_epoch, callbacks=[TimeLimit(args.minutes * 60)], verbose=2)
+    history = model.fit(train, epochs=1000, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2)
     train_seconds = time.time() - start
 
     if args.save:

@@ -145,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--steps-per-epoch", metavar="N", type=_positive_int,
                        help="batches per epoch (the data repeats as needed); default: one pass over the data")
     optim.add_argument("--batch-size", metavar="N", type=_positive_int, default=2, help="images per batch")
+    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                       help="SGD with momentum (torchvision's recipe, for fine-tuning) or AdamW "
+                       "(converges much faster when training from scratch)")
     optim.add_argument("--lr", metavar="LR", type=float,
-                       help="base learning rate (default: 0.02 * batch size / 16, torchvision's recipe)")
+                       help="base learning rate (default: SGD 0.02 * batch size / 16, torchvision's "
+                       "recipe; AdamW 1e-3)")
     optim.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), default="step",
                        help="after warmup: step decay, cosine decay to 0, or constant")
     optim.add_argument("--lr-decay-epochs", metavar="E", type=_positive_int, nargs="+",
@@ -413,7 +417,10 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     decay_steps = [e * steps for e in args.lr_decay_epochs] if args.lr_decay_epochs else None
     with strategy.scope():
         optimizer = build_optimizer(
-            learning_rate=args.lr if args.lr is not None else 0.02 * args.batch_size / 16,
+            learning_rate=args.lr if args.lr is not None else (
+                1e-3 if args.optimizer == "adamw" else 0.02 * args.batch_size / 16
+            ),
+            optimizer=args.optimizer,
             momentum=args.momentum,
             weight_decay=args.weight_decay,
             warmup_steps=min(args.warmup_steps, steps),

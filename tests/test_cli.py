@@ -225,6 +225,11 @@ def test_build_optimizer_warmup_and_step_schedule():
     assert float(restored._learning_rate(5)) == pytest.approx(values[1])
     with pytest.raises(ValueError):
         build_optimizer(0.1, schedule="cosine")
+    adamw = build_optimizer(1e-3, warmup_steps=10, schedule="constant", optimizer="adamw", clipnorm=5.0)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.global_clipnorm == 5.0
+    assert float(adamw._learning_rate(10)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="optimizer"):
+        build_optimizer(0.1, optimizer="lion")
 
 
 def test_label_map_round_trip_and_coco_categories(tmp_path):
