@@ -90,9 +90,19 @@ def test_folded_norm_equals_conv_then_norm(rng, norm):
     expected = np.maximum(bn(y, training=False).numpy() + residual, 0)
     got = conv_norm(conv, bn, x, training=False, relu=True, residual=residual).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    if norm == "batch_norm":  # training uses batch statistics, unfused
-        batch_stats = conv_norm(conv, bn, x, training=True).numpy()
-        np.testing.assert_allclose(batch_stats.mean(axis=(0, 1, 2)), bn.beta.numpy(), atol=1e-4)
+    if norm == "batch_norm":
+        # Training: batch statistics (fused op), moving averages updated with PyTorch's unbiased variance.
+        moving_mean, moving_var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+        y = y.numpy()
+        mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+        expected = np.maximum((y - mean) / np.sqrt(var + 1e-5) * bn.gamma.numpy() + bn.beta.numpy() + residual, 0)
+        got = conv_norm(conv, bn, x, training=True, relu=True, residual=residual).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-3)
+        n = y.size // 6
+        np.testing.assert_allclose(bn.moving_mean.numpy(), 0.99 * moving_mean + 0.01 * mean, atol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), 0.99 * moving_var + 0.01 * var * n / (n - 1), rtol=1e-4)
+        bn.trainable = False  # frozen: moving statistics even in training
+        np.testing.assert_allclose(conv_norm(conv, bn, x, training=True).numpy(), bn(conv(x), training=False).numpy(), atol=1e-4)
 
 
 def test_mask_head_upsampling_is_transposed_conv_and_class_selection(rng):
