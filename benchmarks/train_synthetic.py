@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--decay-steps", type=int, default=1500, help="cosine decay length (steps)")
     parser.add_argument("--rois", type=int, default=64, help="sampled RoIs per image")
     parser.add_argument("--proposals", type=int, default=300, help="RPN proposals per image in training")
+    parser.add_argument("--representation-size", type=int, default=256, help="box head width")
     parser.add_argument("--eval-images", type=int, default=50)
     parser.add_argument("--output", default=None, help="write the metrics JSON here")
     parser.add_argument("--save", default=None, help="save the trained model here (.keras)")
@@ -42,6 +43,7 @@ def main():
         small_model_config(image_size=256),
         box_batch_size_per_image=args.rois,
         rpn_post_nms_top_n_train=args.proposals,
+        representation_size=args.representation_size,
     )
     model = MaskRCNN(num_classes=3, **config)
     steps_per_epoch = 50

@@ -4,8 +4,9 @@ On this backend the convolutions themselves are fast, in bfloat16 especially (AM
 separate elementwise op over a feature map (padding, bias add, batch norm, residual add, ReLU) is a
 full pass through memory, and for bfloat16 a slow one. :func:`fused_conv2d` writes a convolution
 so that Grappler's remapper turns it into a single ``_FusedConv2D``: the convolution (``"SAME"``
-when that is PyTorch's symmetric padding, i.e. at stride 1), ``BiasAdd``, then optionally a
-residual ``Add`` and ``Relu``.
+when that is PyTorch's symmetric padding, i.e. at stride 1; otherwise a ``Pad``, which is folded
+in too), ``BiasAdd``, then optionally a residual ``Add`` and ``Relu``. (The convolution's own
+explicit padding would fuse as well, but its gradients have no oneDNN kernel.)
 
 :class:`Conv2D` is ``keras.layers.Conv2D`` with PyTorch's padding (``padding=k // 2`` on both sides,
 whatever the stride) computed that way; weights, names and initialisers are Keras'. Its kernel
@@ -49,7 +50,7 @@ def fused_conv2d(
     elif strides == 1 and 2 * padding == size - 1:
         x = tf.nn.conv2d(inputs, kernel, 1, "SAME")  # symmetric at stride 1
     else:
-        # Not the conv's explicit padding: its gradients have no oneDNN kernel (100x slower).
+        # Pad + VALID (fused as _PadWithFusedConv2D); the conv's explicit padding has no oneDNN gradient.
         x = tf.pad(inputs, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
         x = tf.nn.conv2d(x, kernel, strides, "VALID")
     if bias is not None:
