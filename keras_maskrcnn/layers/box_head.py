@@ -7,12 +7,12 @@ import keras
 import tensorflow as tf
 
 
-def _dense(layer: keras.layers.Dense, x: tf.Tensor, relu: bool = False) -> tf.Tensor:
-    # MatMul + BiasAdd (+ Relu) is what oneDNN fuses into one op; Keras' Dense adds its bias
-    # with a broadcasting add that it does not.
+def _dense(layer: keras.layers.Dense, x: tf.Tensor) -> tf.Tensor:
+    """``layer(x)`` (ReLU or linear) as MatMul + BiasAdd (+ Relu), which oneDNN fuses into one op;
+    Keras' Dense adds its bias with a broadcasting add that it does not."""
     dtype = layer.compute_dtype
     x = tf.nn.bias_add(tf.matmul(tf.cast(x, dtype), tf.cast(layer.kernel, dtype)), tf.cast(layer.bias, dtype))
-    return tf.nn.relu(x) if relu else x
+    return tf.nn.relu(x) if layer.activation is keras.activations.relu else x
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
@@ -65,7 +65,7 @@ class BoxHead(keras.layers.Layer):
         batch, num = shape[0], shape[1]
         flat_size = roi_features.shape[2] * roi_features.shape[3] * roi_features.shape[4]
         x = tf.reshape(roi_features, [-1, flat_size])
-        x = _dense(self.fc7, _dense(self.fc6, x, relu=True), relu=True)
+        x = _dense(self.fc7, _dense(self.fc6, x))
         logits = tf.cast(_dense(self.cls_score, x), tf.float32)
         deltas = tf.cast(_dense(self.bbox_pred, x), tf.float32)
         logits = tf.reshape(logits, [batch, num, self.num_classes + 1])
