@@ -12,9 +12,11 @@ batch 2, in both precisions. Each time is the median of ``--runs`` calls after t
 call timed until its outputs are in numpy. The two systems alternate configuration by
 configuration, so load on the machine affects both alike; compare the ratios.
 
-keras_maskrcnn returns its default output: binary masks pasted into the image
-(``[B, 100, H, W]`` uint8). Model Garden returns 28x28 box-relative masks and does not paste them,
-so our number includes work the peer skips.
+Inference is compared on the same output: boxes, scores, classes and 28x28 box-relative mask
+probabilities of 100 detections per image (Model Garden's output; ours with
+``mask_output="box"``). Our default output goes further, binary masks pasted into the image
+(``[B, 100, H, W]`` uint8, what torchvision returns); that is timed too, in its own process, and
+shown in its own column.
 
 ``--worker ours ...`` runs one of our configurations and prints its JSON (used internally);
 Model Garden's worker is ``benchmarks/peer_model_garden.py``, run with the peer's Python.
@@ -62,11 +64,16 @@ def _timed_calls(fn, runs: int):
     return first, times
 
 
-def run_ours(mode: str, height: int, width: int, batch: int, precision: str, runs: int, masks: str) -> dict:
+def run_ours(
+    mode: str, height: int, width: int, batch: int, precision: str, runs: int, masks: str, inter_op_threads: int = 0
+) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import numpy as np
     import tensorflow as tf
+
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
 
     from keras_maskrcnn import MaskRCNN
     from keras_maskrcnn.data import synthetic_dataset
@@ -128,17 +135,19 @@ def _fmt(value, spec=".2f", suffix=""):
 
 def _table(rows) -> str:
     lines = [
-        "| run | precision | ours median s | Model Garden median s | speed-up | ours first call s | "
-        "Model Garden first call s | ours peak MiB | Model Garden peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | precision | ours median s | Model Garden median s | speed-up | ours, masks pasted, median s "
+        "| ours first call s | Model Garden first call s | ours peak MiB | Model Garden peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for config, ours, peer in rows:
+    for config, ours, peer, pasted in rows:
         mode, h, w, b, precision = config
         name = f"{'inference' if mode == 'infer' else 'train step'} {h}x{w}, batch {b}"
         o, p = ours.get("median_s"), peer.get("median_s")
         ratio = p / o if o and p else None
         lines.append(
-            f"| {name} | {precision} | {_fmt(o)} | {_fmt(p) if p else peer.get('error', '-')} | {_fmt(ratio, '.2f', 'x')} "
+            f"| {name} | {precision} | {_fmt(o) if o else ours.get('error', '-')} "
+            f"| {_fmt(p) if p else peer.get('error', '-')} | {_fmt(ratio, '.2f', 'x')} "
+            f"| {_fmt(pasted.get('median_s')) if pasted else '-'} "
             f"| {_fmt(ours.get('first_call_s'), '.1f')} | {_fmt(peer.get('first_call_s'), '.1f')} "
             f"| {_fmt(ours.get('peak_rss_mib'), '.0f')} | {_fmt(peer.get('peak_rss_mib'), '.0f')} |"
         )
@@ -151,7 +160,8 @@ def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
     details = "\n".join(
         f"- {c[0]} {c[1]}x{c[2]} b{c[3]} {c[4]}: ours {[round(t, 3) for t in o.get('times_s', [])]}, "
         f"Model Garden {[round(t, 3) for t in p.get('times_s', [])]}"
-        for c, o, p in rows
+        + (f", ours with masks pasted {[round(t, 3) for t in q.get('times_s', [])]}" if q else "")
+        for c, o, p, q in rows
     )
     section = f"""{MARK_BEGIN}
 ## keras_maskrcnn vs TF Model Garden, same machine, same run
@@ -159,8 +169,10 @@ def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
 Command: `{command}` ({datetime.date.today().isoformat()}; keras_maskrcnn on TensorFlow {ours_tf},
 Model Garden 2.20 on TensorFlow {peer_tf}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores;
 load average {loads[0]} before, {loads[1]} after). Medians of the timed calls after the first;
-speed-up = Model Garden time / ours. Our inference output includes binary masks pasted into the
-image (`[B, 100, H, W]` uint8); Model Garden's stops at 28x28 box-relative masks.
+speed-up = Model Garden time / ours. Inference is compared on the same output (boxes, scores,
+classes, 28x28 box-relative mask probabilities of 100 detections); "masks pasted" is our default
+output, binary masks pasted into the image (`[B, 100, H, W]` uint8), which Model Garden does not
+compute. Peak memory is that of the equal-output process.
 
 {table}
 
@@ -182,6 +194,9 @@ def main():
     parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="Python of the Model Garden venv")
     parser.add_argument("--only", choices=["infer", "train"], help="run only these configurations")
     parser.add_argument("--skip-peer", action="store_true", help="time keras_maskrcnn only")
+    parser.add_argument("--inter-op-threads", type=int, default=0,
+                        help="TensorFlow's inter-op thread pool size for both systems (0 = TensorFlow's "
+                             "default, one per core)")
     parser.add_argument("--markdown", help="write the table into this file (replacing an earlier one)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration and system")
     parser.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
@@ -194,7 +209,8 @@ def main():
     args = parser.parse_args()
 
     if args.worker:
-        result = run_ours(args.mode, args.height, args.width, args.batch, args.precision, args.runs, args.masks)
+        result = run_ours(args.mode, args.height, args.width, args.batch, args.precision, args.runs, args.masks,
+                          args.inter_op_threads)
         print(json.dumps(result))
         return
 
@@ -207,12 +223,14 @@ def main():
         if args.only and mode != args.only:
             continue
         common = ["--mode", mode, "--height", str(h), "--width", str(w), "--batch", str(b),
-                  "--precision", precision, "--runs", str(args.runs)]
-        ours = _run_worker([sys.executable, os.path.abspath(__file__), "--worker", "ours"] + common, args.timeout)
+                  "--precision", precision, "--runs", str(args.runs), "--inter-op-threads", str(args.inter_op_threads)]
+        worker = [sys.executable, os.path.abspath(__file__), "--worker", "ours"] + common
+        ours = _run_worker(worker + ["--masks", "box"], args.timeout)
         peer = {} if args.skip_peer else _run_worker(
             [args.peer_python, os.path.join(HERE, "peer_model_garden.py")] + common, args.timeout
         )
-        rows.append((config, ours, peer))
+        pasted = _run_worker(worker + ["--masks", "binary"], args.timeout) if mode == "infer" else {}
+        rows.append((config, ours, peer, pasted))
         print(_table([rows[-1]]).splitlines()[-1], flush=True)
     loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
     table = _table(rows)

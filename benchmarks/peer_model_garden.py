@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3,
                    help="Number of timed calls after the first (untimed-in-"
                    "median) call; the median is over these (default 3).")
+    p.add_argument("--inter-op-threads", type=int, default=0,
+                   help="TensorFlow inter-op thread pool size (0 = "
+                   "TensorFlow's default, one per core).")
     p.add_argument("--gt-boxes", type=int, default=5,
                    help="train only: ground-truth instances per image "
                    "(default 5).")
@@ -291,6 +294,8 @@ def main(argv=None):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    if args.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     tf.random.set_seed(args.seed)
     np.random.seed(args.seed)
     if args.precision == "mixed_bfloat16":

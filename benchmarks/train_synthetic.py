@@ -33,6 +33,11 @@ def main():
     parser.add_argument("--rois", type=int, default=64, help="sampled RoIs per image")
     parser.add_argument("--proposals", type=int, default=500, help="RPN proposals per image in training")
     parser.add_argument("--representation-size", type=int, default=256, help="box head width")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="keep an exponential moving average of the weights with this momentum "
+                             "(e.g. 0.99) and evaluate it; 0 = off")
+    parser.add_argument("--train-images", type=int, default=2000,
+                        help="distinct training images (generated on the fly; the set repeats after these)")
     parser.add_argument("--eval-images", type=int, default=50)
     parser.add_argument("--output", default=None, help="write the metrics JSON here")
     parser.add_argument("--save", default=None, help="save the trained model here (.keras)")
@@ -40,7 +45,7 @@ def main():
     keras.mixed_precision.set_global_policy(args.precision)
     keras.utils.set_random_seed(0)
 
-    train = synthetic_dataset(2000, args.batch_size, seed=1, max_instances=16, repeat=True)
+    train = synthetic_dataset(args.train_images, args.batch_size, seed=1, max_instances=16, repeat=True)
 
     config = dict(
         small_model_config(image_size=256),
@@ -58,10 +63,12 @@ def main():
         learning_rate = keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps=args.decay_steps, warmup_target=args.lr, warmup_steps=100, alpha=0.05
         )
+    # With use_ema, fit ends by copying the averaged weights into the model.
+    ema = dict(use_ema=args.ema > 0, ema_momentum=args.ema or 0.99)
     if args.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4, clipnorm=10.0)
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4, clipnorm=10.0, **ema)
     else:
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=1e-4, clipnorm=10.0)
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=1e-4, clipnorm=10.0, **ema)
     model.compile(optimizer=optimizer)
     start = time.time()
     history = model.fit(train, epochs=1000, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2)
