@@ -17,6 +17,7 @@ from keras_maskrcnn import MaskRCNN
 from keras_maskrcnn.callbacks import CosineDecayOverTime, TimeLimit
 from keras_maskrcnn.data import SyntheticShapes, synthetic_dataset
 from keras_maskrcnn.evaluation import evaluate_coco
+from keras_maskrcnn.optimizers import FusedAdamW
 from keras_maskrcnn.presets import small_model_config
 
 
@@ -68,7 +69,7 @@ def main():
     if args.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4, clipnorm=10.0, **ema)
     else:
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=1e-4, clipnorm=10.0, **ema)
+        optimizer = FusedAdamW(learning_rate, weight_decay=1e-4, clipnorm=10.0, **ema)
     model.compile(optimizer=optimizer)
     start = time.time()
     history = model.fit(train, epochs=1000, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=2)
@@ -81,7 +82,7 @@ def main():
         metrics = evaluate_coco(model, annotations, tmp, batch_size=4)
     result = {
         "train_seconds": round(train_seconds, 1),
-        "steps": len(history.history["loss"]) * steps_per_epoch,
+        "steps": int(model.optimizer.iterations.numpy()),  # TimeLimit may end the last epoch early
         "precision": args.precision,
         "args": vars(args),
         "first_loss": history.history["loss"][0],

@@ -55,6 +55,7 @@ import tensorflow as tf
 
 from keras_maskrcnn.data.coco import read_json_file
 from keras_maskrcnn.evaluation import CocoEvaluationCallback, _write_scalar
+from keras_maskrcnn.optimizers import FusedAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def build_optimizer(
         global_clipnorm=clipnorm if clipnorm else None,
     )
     if optimizer == "adamw":
-        return keras.optimizers.AdamW(**common)
+        return FusedAdamW(**common)
     return keras.optimizers.SGD(momentum=momentum, **common)
 
 
