@@ -93,3 +93,18 @@ def test_fit_under_a_distribution_strategy_matches_keras_adamw():
         model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
         results.append(model.layers[0].kernel.numpy())
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_saved_model_file_restores_the_optimizer(tmp_path):
+    rng = np.random.default_rng()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=FusedAdamW(1e-3, weight_decay=1e-4), loss="mse")
+    model.fit(x, x[:, :2], epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored.optimizer) is FusedAdamW
+    assert int(restored.optimizer.iterations.numpy()) == 1
+    for a, b in zip(restored.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
