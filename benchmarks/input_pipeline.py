@@ -1,9 +1,9 @@
 """Does the input pipeline keep the model busy? Training steps/s fed by the pipeline against the
-same batches already in memory.
+same kind of batches already in memory.
 
     python benchmarks/input_pipeline.py [--data ../shared/datasets/fruits_nuts] [--steps 20] [--markdown BENCHMARKS.md]
 
-Three numbers for ``keras_maskrcnn.data.coco_dataset`` (JPEG decoding, resizing by the COCO
+Measured for ``keras_maskrcnn.data.coco_dataset`` (JPEG decoding, resizing by the COCO
 rule, random flips, mask rasterisation, padding, batching, prefetch) on a real COCO-format set:
 batches/s of the pipeline alone, and ``model.fit`` steps/s of a ResNet-50-FPN Mask R-CNN
 (mixed_bfloat16, frozen batch norm, torchvision's defaults) fed three ways: by the pipeline; by
