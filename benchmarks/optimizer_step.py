@@ -82,9 +82,9 @@ def main():
     updates, params = optimizer_updates(args.rounds, 2 * args.steps)
     steps = training_steps(args.rounds, args.steps)
     print(f"| measurement | {' | '.join(OPTIMIZERS)} |\n|---|---|---|")
-    for label, times, unit in ((f"update of {params / 1e6:.1f}M parameters", updates, 1000),
-                               ("training step (small config, batch 4)", steps, 1000)):
-        cells = " | ".join(f"{unit * statistics.median(times[name]):.0f} ms" for name in OPTIMIZERS)
+    for label, times in ((f"update of {params / 1e6:.1f}M parameters", updates),
+                         ("training step (small config, batch 4)", steps)):
+        cells = " | ".join(f"{1000 * statistics.median(times[name]):.0f} ms" for name in OPTIMIZERS)
         print(f"| {label} | {cells} |")
 
 
