@@ -30,24 +30,46 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare_detections(reference, other, score: float):
-    """Matches of ``reference``'s confident detections in ``other``: (matched, total, mask IoUs)."""
-    matched, total, mask_ious = 0, 0, []
-    for ref, oth in zip(reference, other):
+    """Matches of ``reference``'s confident detections in ``other``.
+
+    Returns ``(matched, total, mask_ious, exceptions)``: ``exceptions`` describes every confident
+    reference detection without a match and every matched pair with mask IoU < 0.95 (its score,
+    the best box IoU found, the mask's area and how many pixels differ), so a difference can be
+    told apart from a detection near the score threshold or a boundary pixel on a small object.
+    """
+    matched, total, mask_ious, exceptions = 0, 0, [], []
+    for image_index, (ref, oth) in enumerate(zip(reference, other)):
         keep = ref["scores"] >= score
         total += int(keep.sum())
         if not keep.any():
             continue
         ious = _box_iou(ref["boxes"][keep], oth["boxes"]) if len(oth["boxes"]) else np.zeros((keep.sum(), 0))
         same_class = ref["classes"][keep][:, None] == oth["classes"][None, :]
-        ious = np.where(same_class, ious, 0.0)
+        same_class_ious = np.where(same_class, ious, 0.0)
         for i, ref_index in enumerate(np.nonzero(keep)[0]):
-            if ious.shape[1] == 0 or ious[i].max() < 0.9:
+            record = {"image": image_index, "score": round(float(ref["scores"][ref_index]), 3),
+                      "class": int(ref["classes"][ref_index])}
+            if ious.shape[1] == 0 or same_class_ious[i].max() < 0.9:
+                best = int(ious[i].argmax()) if ious.shape[1] else None
+                record.update(kind="unmatched",
+                              best_same_class_box_iou=round(float(same_class_ious[i].max()), 3) if best is not None else None,
+                              best_any_class=None if best is None else {
+                                  "box_iou": round(float(ious[i, best]), 3), "class": int(oth["classes"][best]),
+                                  "score": round(float(oth["scores"][best]), 3)})
+                exceptions.append(record)
                 continue
             matched += 1
+            other_index = int(same_class_ious[i].argmax())
             a = ref["masks"][ref_index].astype(bool)
-            b = oth["masks"][int(ious[i].argmax())].astype(bool)
-            mask_ious.append((a & b).sum() / max((a | b).sum(), 1))
-    return matched, total, np.array(mask_ious)
+            b = oth["masks"][other_index].astype(bool)
+            iou = (a & b).sum() / max((a | b).sum(), 1)
+            mask_ious.append(iou)
+            if iou < 0.95:
+                record.update(kind="mask IoU < 0.95", mask_iou=round(float(iou), 3), area=int(a.sum()),
+                              pixels_differing=int((a ^ b).sum()),
+                              other_score=round(float(oth["scores"][other_index]), 3))
+                exceptions.append(record)
+    return matched, total, np.array(mask_ious), exceptions
 
 
 def main():
@@ -63,7 +85,7 @@ def main():
     source = SyntheticShapes(seed=12345)
     images = [source.sample(i).image for i in range(args.images)]
     predictions = {policy: model.predict_images(images, batch_size=4) for policy, model in models.items()}
-    matched, total, mask_ious = compare_detections(predictions["float32"], predictions["mixed_bfloat16"], args.score)
+    matched, total, mask_ious, exceptions = compare_detections(predictions["float32"], predictions["mixed_bfloat16"], args.score)
     with tempfile.TemporaryDirectory() as tmp:
         annotations = source.write_coco(tmp, args.images)
         metrics = {p: evaluate_coco(m, annotations, tmp, batch_size=4) for p, m in models.items()}
@@ -75,6 +97,7 @@ def main():
         "masks with IoU >= 0.95": f"{int((mask_ious >= 0.95).sum())} of {len(mask_ious)}",
         "segm AP float32 / bfloat16": [metrics["float32"]["segm"]["AP"], metrics["mixed_bfloat16"]["segm"]["AP"]],
         "bbox AP float32 / bfloat16": [metrics["float32"]["bbox"]["AP"], metrics["mixed_bfloat16"]["bbox"]["AP"]],
+        "exceptions": exceptions,
     }
     print(json.dumps(result, indent=1))
     if args.markdown:
@@ -93,6 +116,18 @@ def main():
                 f"| segm AP float32 / bfloat16 | {seg[0]:.4f} / {seg[1]:.4f} (difference {abs(seg[0] - seg[1]) * 100:.2f} points) |\n"
                 f"| bbox AP float32 / bfloat16 | {box[0]:.4f} / {box[1]:.4f} |\n"
             )
+            if exceptions:
+                f.write("\nThe exceptions (float32 score; for masks, the float32 mask's area and the pixels that differ):\n\n")
+                for e in exceptions:
+                    if e["kind"] == "unmatched":
+                        other = e["best_any_class"]
+                        found = "nothing" if other is None else (
+                            f"best box IoU {other['box_iou']} with class {other['class']} at score {other['score']}; "
+                            f"same class best IoU {e['best_same_class_box_iou']}")
+                        f.write(f"- unmatched: image {e['image']}, class {e['class']}, score {e['score']}: bfloat16 has {found}\n")
+                    else:
+                        f.write(f"- mask IoU {e['mask_iou']}: image {e['image']}, score {e['score']} (bfloat16 "
+                                f"{e['other_score']}), area {e['area']} px, {e['pixels_differing']} px differ\n")
 
 
 if __name__ == "__main__":
