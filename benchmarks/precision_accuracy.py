@@ -49,14 +49,15 @@ def compare_detections(reference, other, score: float):
         for i, ref_index in enumerate(np.nonzero(keep)[0]):
             record = {"image": image_index, "score": round(float(ref["scores"][ref_index]), 3),
                       "class": int(ref["classes"][ref_index])}
-            if ious.shape[1] == 0 or same_class_ious[i].max() < 0.9:
-                best = int(ious[i].argmax()) if ious.shape[1] else None
-                record.update(kind="unmatched",
-                              best_same_class_box_iou=round(float(same_class_ious[i].max()), 3) if best is not None else None,
-                              best_any_class=None if best is None else {
-                                  "box_iou": round(float(ious[i, best]), 3), "class": int(oth["classes"][best]),
-                                  "score": round(float(oth["scores"][best]), 3)})
-                exceptions.append(record)
+            if ious.shape[1] == 0:
+                exceptions.append(dict(record, kind="unmatched", best_same_class_box_iou=None, best_any_class=None))
+                continue
+            if same_class_ious[i].max() < 0.9:
+                best = int(ious[i].argmax())
+                exceptions.append(dict(
+                    record, kind="unmatched", best_same_class_box_iou=round(float(same_class_ious[i].max()), 3),
+                    best_any_class={"box_iou": round(float(ious[i, best]), 3), "class": int(oth["classes"][best]),
+                                    "score": round(float(oth["scores"][best]), 3)}))
                 continue
             matched += 1
             other_index = int(same_class_ious[i].argmax())
@@ -65,10 +66,9 @@ def compare_detections(reference, other, score: float):
             iou = (a & b).sum() / max((a | b).sum(), 1)
             mask_ious.append(iou)
             if iou < 0.95:
-                record.update(kind="mask IoU < 0.95", mask_iou=round(float(iou), 3), area=int(a.sum()),
-                              pixels_differing=int((a ^ b).sum()),
-                              other_score=round(float(oth["scores"][other_index]), 3))
-                exceptions.append(record)
+                exceptions.append(dict(record, kind="mask IoU < 0.95", mask_iou=round(float(iou), 3),
+                                       area=int(a.sum()), pixels_differing=int((a ^ b).sum()),
+                                       other_score=round(float(oth["scores"][other_index]), 3)))
     return matched, total, np.array(mask_ious), exceptions
 
 
