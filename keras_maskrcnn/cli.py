@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 from keras_maskrcnn.layers.backbone import BACKBONES
 
 PROG = "keras-maskrcnn"
-PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
 
@@ -99,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval-max-images", metavar="N", type=_positive_int,
                       help="evaluate on the first N validation images only")
     data.add_argument("--min-size", metavar="PX", type=_positive_int,
-                      help="resize images so the short side is PX (default: 800; synthetic: --synthetic-size)")
+                      help="resize images so the short side is PX (default: the smallest short side of the "
+                      "training images, at most 800: images are never enlarged)")
     data.add_argument("--max-size", metavar="PX", type=_positive_int,
-                      help="... unless the long side would exceed PX (default: 1333; synthetic: --synthetic-size)")
+                      help="... unless the long side would exceed PX (default: the largest long side, at most 1333)")
 
     model = train.add_argument_group("model")
-    model.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet50", help="backbone network")
+    model.add_argument("--backbone", choices=sorted(BACKBONES),
+                       help="backbone network (default: resnet50 with --backbone-weights; without, the small "
+                       "resnet18 preset, which learns from scratch on a CPU)")
     model.add_argument(
         "--backbone-weights", metavar="FILE",
         help="initialise the backbone from a torchvision ResNet state dict (.safetensors or .npz; keys "
@@ -115,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone normalisation: frozen statistics (for pretrained weights) or trainable batch norm; "
         "auto: frozen_bn with --backbone-weights, else batch_norm",
     )
-    model.add_argument("--trainable-backbone-layers", metavar="N", type=int, default=3, choices=range(6),
-                       help="ResNet stages trained, counted from the top (0-5)")
-    model.add_argument("--mixed-precision", choices=PRECISIONS, default="none",
-                       help="Keras dtype policy (mixed_float16 adds loss scaling)")
+    model.add_argument("--trainable-backbone-layers", metavar="N", type=int, choices=range(6),
+                       help="ResNet stages trained, counted from the top (0-5; default: 3 with --backbone-weights, "
+                       "else 5)")
+    model.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                       help="Keras dtype policy; auto: mixed_bfloat16 on CPUs with native bfloat16 (AMX, "
+                       "AVX512_BF16), mixed_float16 on NVIDIA GPUs of compute capability >= 7.0, float32 "
+                       "elsewhere (mixed_float16 adds loss scaling)")
 
     run = train.add_argument_group("run")
     run.add_argument("--output", metavar="DIR", required=True, help="output folder (required)")
@@ -144,24 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     optim = train.add_argument_group("optimisation")
     optim.add_argument("--steps-per-epoch", metavar="N", type=_positive_int,
                        help="batches per epoch (the data repeats as needed); default: one pass over the data")
-    optim.add_argument("--batch-size", metavar="N", type=_positive_int, default=2, help="images per batch")
-    optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+    optim.add_argument("--batch-size", metavar="N", type=_positive_int,
+                       help="images per batch (default: 2 at large sizes, up to 8 for small images)")
+    optim.add_argument("--optimizer", choices=("sgd", "adamw"),
                        help="SGD with momentum (torchvision's recipe, for fine-tuning) or AdamW "
-                       "(converges much faster when training from scratch)")
+                       "(converges much faster when training from scratch; default: sgd with "
+                       "--backbone-weights, else adamw)")
     optim.add_argument("--lr", metavar="LR", type=float,
                        help="base learning rate (default: SGD 0.02 * batch size / 16, torchvision's "
-                       "recipe; AdamW 1e-3)")
-    optim.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), default="step",
-                       help="after warmup: step decay, cosine decay to 0, or constant")
+                       "recipe; AdamW 2e-3 * sqrt(batch size / 8))")
+    optim.add_argument("--lr-schedule", choices=("step", "cosine", "constant"),
+                       help="after warmup: step decay, cosine decay to 0, or constant (default: step for "
+                       "sgd, cosine for adamw)")
     optim.add_argument("--lr-decay-epochs", metavar="E", type=_positive_int, nargs="+",
                        help="epochs after which the step schedule multiplies the rate by 0.1 "
                        "(default: at 2/3 and 8/9 of training)")
     optim.add_argument("--momentum", metavar="M", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", metavar="WD", type=float, default=1e-4, help="weight decay (0: none)")
-    optim.add_argument("--warmup-steps", metavar="N", type=_non_negative_int, default=1000,
-                       help="steps of linear warmup from 0.001 * LR (at most one epoch)")
+    optim.add_argument("--weight-decay", metavar="WD", type=float, help="weight decay (0: none; default: 1e-4)")
+    optim.add_argument("--warmup-steps", metavar="N", type=_non_negative_int,
+                       help="steps of linear warmup from 0.001 * LR (at most one epoch; default: 1000 for sgd, "
+                       "100 for adamw)")
     optim.add_argument("--clipnorm", metavar="X", type=float,
-                       help="clip the global gradient norm to X (default: no clipping)")
+                       help="clip the global gradient norm to X (0: no clipping; default: none for sgd, 10 for adamw)")
 
     # ----------------------------------------------------------------------------- evaluate
     evaluate = sub.add_parser(
@@ -329,23 +339,18 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _require_dir(parser, args.val_images, "--val-images")
     _require_file(parser, args.backbone_weights, "--backbone-weights")
 
-    from keras_maskrcnn.distribute import get_strategy
+    from keras_maskrcnn.distribute import get_strategy, is_chief
 
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
     strategy = get_strategy(args.strategy)
     replicas = strategy.num_replicas_in_sync
-    if args.batch_size % replicas:
-        raise CommandError(
-            f"--batch-size {args.batch_size} is not a multiple of the {replicas} replicas of --strategy {args.strategy}"
-        )
-    if replicas > 1:
-        print(f"Training on {replicas} replicas ({args.strategy}), {args.batch_size // replicas} image(s) per replica")
 
     import keras
 
     from keras_maskrcnn import MaskRCNN
     from keras_maskrcnn.data import CocoSource, SyntheticShapes, coco_dataset
-    from keras_maskrcnn.train import build_optimizer, steps_per_epoch_for, train
+    from keras_maskrcnn.plan import EpochTimeEstimate, coco_image_sizes, plan_training
+    from keras_maskrcnn.train import train
 
     # Fail fast on bad data, with every problem listed (not one crash hours in).
     for annotations, images in ((args.annotations, args.images), (args.val_annotations, args.val_images)):
@@ -353,16 +358,12 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             _check_dataset(annotations, images)
 
     keras.utils.set_random_seed(args.seed)
-    if args.mixed_precision != "none":
-        keras.mixed_precision.set_global_policy(args.mixed_precision)
     repeat = args.steps_per_epoch is not None
     val_annotations, val_images = args.val_annotations, args.val_images
     if args.synthetic is not None:
         size = args.synthetic_size
-        min_size = args.min_size or size
-        max_size = args.max_size or min_size
         generator = SyntheticShapes((size, size), seed=args.seed)
-        source_len = args.synthetic
+        source_len, image_sizes = args.synthetic, [(size, size)]
         num_classes = generator.num_classes
         class_to_category, class_names = generator.class_to_category, generator.class_names
         if val_annotations is None and args.synthetic_val > 0:
@@ -370,28 +371,35 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             held_out = SyntheticShapes((size, size), seed=args.seed + 1)  # other seed: other images
             val_annotations = held_out.write_coco(val_images, args.synthetic_val)
     else:
-        min_size, max_size = args.min_size or 800, args.max_size or 1333
         source = CocoSource(args.annotations, args.images)
         if len(source) == 0:
             raise CommandError(f"{args.annotations!r} lists no images")
         if source.num_classes == 0:
             raise CommandError(f"{args.annotations!r} has no categories")
-        source_len = len(source)
+        source_len, image_sizes = len(source), coco_image_sizes(source)
         num_classes = source.num_classes
         class_to_category, class_names = source.class_to_category, source.class_names
 
-    backbone_norm = args.backbone_norm
-    if backbone_norm == "auto":
-        backbone_norm = "frozen_bn" if args.backbone_weights else "batch_norm"
-    with strategy.scope():  # the model's and the optimizer's variables belong to the strategy
-        model = MaskRCNN(
-            num_classes=num_classes,
-            backbone=args.backbone,
-            trainable_backbone_layers=args.trainable_backbone_layers,
-            backbone_norm=backbone_norm,
-            min_size=min_size,
-            max_size=max_size,
+    plan = plan_training(
+        image_sizes, source_len, args.epochs, pretrained=bool(args.backbone_weights), backbone=args.backbone,
+        min_size=args.min_size, max_size=args.max_size, batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch, precision=args.mixed_precision, optimizer=args.optimizer,
+        learning_rate=args.lr, schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, clipnorm=args.clipnorm, momentum=args.momentum,
+        decay_epochs=args.lr_decay_epochs, trainable_backbone_layers=args.trainable_backbone_layers,
+        backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm,
+    )
+    if plan.batch_size % replicas:
+        raise CommandError(
+            f"--batch-size {plan.batch_size} is not a multiple of the {replicas} replicas of --strategy {args.strategy}"
         )
+    if is_chief(strategy):
+        print(plan.describe())
+        if replicas > 1:
+            print(f"  replicas   {replicas} ({args.strategy}), {plan.batch_size // replicas} image(s) per replica")
+    keras.mixed_precision.set_global_policy(plan.precision)
+    with strategy.scope():  # the model's and the optimizer's variables belong to the strategy
+        model = MaskRCNN(num_classes=num_classes, **plan.model_config)
         if args.backbone_weights:
             from keras_maskrcnn.convert import load_torchvision_resnet, read_state_dict
 
@@ -400,35 +408,21 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             load_torchvision_resnet(model.backbone, state_dict, prefix=prefix)
 
     data_kwargs = dict(
-        min_size=min_size,
-        max_size=max_size,
+        min_size=plan.min_size,
+        max_size=plan.max_size,
         size_divisible=model.size_divisible,
         mask_size=model.gt_mask_size,
         repeat=repeat,
         seed=args.seed,
-        drop_remainder=source_len >= args.batch_size,
+        drop_remainder=source_len >= plan.batch_size,
     )
     if args.synthetic is not None:
-        dataset = generator.dataset(args.synthetic, args.batch_size, training=True, **data_kwargs)
+        dataset = generator.dataset(args.synthetic, plan.batch_size, training=True, **data_kwargs)
     else:
-        dataset = coco_dataset(source, None, args.batch_size, training=True, **data_kwargs)
+        dataset = coco_dataset(source, None, plan.batch_size, training=True, **data_kwargs)
 
-    steps = args.steps_per_epoch or steps_per_epoch_for(source_len, args.batch_size)
-    decay_steps = [e * steps for e in args.lr_decay_epochs] if args.lr_decay_epochs else None
     with strategy.scope():
-        optimizer = build_optimizer(
-            learning_rate=args.lr if args.lr is not None else (
-                1e-3 if args.optimizer == "adamw" else 0.02 * args.batch_size / 16
-            ),
-            optimizer=args.optimizer,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            warmup_steps=min(args.warmup_steps, steps),
-            schedule=args.lr_schedule,
-            total_steps=args.epochs * steps,
-            decay_steps=decay_steps,
-            clipnorm=args.clipnorm,
-        )
+        optimizer = plan.build_optimizer()
     train(
         model,
         dataset,
@@ -436,6 +430,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         epochs=args.epochs,
         optimizer=optimizer,
         steps_per_epoch=args.steps_per_epoch,
+        callbacks=[EpochTimeEstimate(plan.steps_per_epoch, args.epochs)] if is_chief(strategy) else (),
         val_annotations=val_annotations,
         val_images=val_images,
         eval_every=args.eval_every,
@@ -448,8 +443,6 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         backup_every=args.backup_every or None,
         validate=False,  # done above
     )
-    from keras_maskrcnn.distribute import is_chief
-
     if is_chief(strategy):
         print(f"Saved {os.path.join(args.output, 'model.keras')}")
     return 0

@@ -18,6 +18,7 @@ from keras_maskrcnn.layers.proposals import ProposalLayer
 from keras_maskrcnn.layers.roi_align import MultiLevelROIAlign
 from keras_maskrcnn.layers.rpn import RPNHead
 from keras_maskrcnn import losses as loss_fns
+from keras_maskrcnn import precision
 from keras_maskrcnn import targets as target_fns
 from keras_maskrcnn.ops.paste_masks import paste_masks, paste_masks_binary
 
@@ -48,10 +49,15 @@ class MaskRCNN(keras.Model):
         mask_output: what ``call`` returns as ``masks``: ``"binary"`` (uint8 0/1 pasted into the
             input image, ``[B, N, H, W]``, probability ``> mask_threshold``), ``"probability"``
             (float32, same shape) or ``"box"`` (float32 box-relative ``[B, N, 28, 28]``).
-        gt_mask_size: side of the box-relative ground-truth masks the data pipeline provides.
+        gt_mask_size: side of the box-relative ground-truth coverage masks the data pipeline
+            provides (:mod:`keras_maskrcnn.data`).
+        dtype: a Keras dtype policy, or ``"auto"``: the precision this machine runs fastest without
+            losing accuracy (:mod:`keras_maskrcnn.precision`). Default: Keras' global policy.
         jit_compile_masks: paste ``"binary"`` masks with XLA (about twice as fast on the CPU: the
             float masks are never written to memory; compiled once per input size). Export to a
             SavedModel never uses it (TF Serving runs XLA only when told to).
+        mask_head_convs: 3x3 convolutions of the mask head before its upsampling (torchvision: 4).
+        mask_head_channels: their width (default ``fpn_channels``, as torchvision).
         The remaining arguments are torchvision's hyperparameters of the same names.
 
     Inputs:
@@ -110,10 +116,14 @@ class MaskRCNN(keras.Model):
         min_size: int = 800,
         max_size: int = 1333,
         size_divisible: int = 32,
-        gt_mask_size: int = 64,
+        gt_mask_size: int = 128,
         jit_compile_masks: bool = True,
+        mask_head_convs: int = 4,
+        mask_head_channels: Optional[int] = None,
         **kwargs,
     ):
+        if kwargs.get("dtype") == precision.AUTO:
+            kwargs["dtype"] = precision.resolve_policy(precision.AUTO)
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (background excluded), got {num_classes}.")
@@ -180,7 +190,11 @@ class MaskRCNN(keras.Model):
         self.mask_roi_align = MultiLevelROIAlign(
             mask_roi_size, sampling_ratio=sampling_ratio, aligned=aligned, dtype=policy, name="mask_roi_align"
         )
-        self.mask_head = MaskHead(num_classes, fpn_channels, dtype=policy, name="mask_head")
+        self.mask_head_convs = mask_head_convs
+        self.mask_head_channels = mask_head_channels
+        self.mask_head = MaskHead(
+            num_classes, mask_head_channels or fpn_channels, num_convs=mask_head_convs, dtype=policy, name="mask_head"
+        )
         self._loss_trackers = [keras.metrics.Mean(name=name) for name in ("loss",) + LOSS_NAMES]
 
     # ----------------------------------------------------------------------------- building
@@ -285,7 +299,8 @@ class MaskRCNN(keras.Model):
         """The five Mask R-CNN losses for a batch (see :mod:`keras_maskrcnn.data` for the format).
 
         ``targets``: ``boxes [B, G, 4]`` (x1, y1, x2, y2) in input pixels, ``classes [B, G]`` int
-        (0 = padding), ``masks [B, G, M, M]`` box-relative ground-truth masks.
+        (0 = padding), ``masks [B, G, N, N]`` box-relative ground-truth coverage masks (uint8,
+        255 = covered; see :mod:`keras_maskrcnn.data`).
         """
         images, image_sizes = self._unpack(inputs)
         gt_boxes = tf.cast(targets["boxes"], tf.float32)
@@ -333,7 +348,7 @@ class MaskRCNN(keras.Model):
         mask_logits = self.mask_head(self.mask_roi_align(features[:4], pos_rois), classes=pos_labels)
         mask_size = 2 * self.mask_roi_size
         mask_targets = target_fns.mask_targets(
-            pos_rois, rois["matched_gt"][:, :num_pos_slots], gt_boxes, gt_masks, mask_size
+            pos_rois, rois["matched_gt"][:, :num_pos_slots], gt_boxes, gt_masks, mask_size, image_sizes
         )
         mask_loss = loss_fns.mask_loss(mask_logits, pos_labels, mask_targets, rois["positive"][:, :num_pos_slots])
         # Final reduction. Each loss above is a mean over the items sampled from this batch; under a
@@ -474,6 +489,8 @@ class MaskRCNN(keras.Model):
                 "size_divisible": self.size_divisible,
                 "gt_mask_size": self.gt_mask_size,
                 "jit_compile_masks": self.jit_compile_masks,
+                "mask_head_convs": self.mask_head_convs,
+                "mask_head_channels": self.mask_head_channels,
             }
         )
         return config

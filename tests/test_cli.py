@@ -248,12 +248,7 @@ def test_label_map_round_trip_and_coco_categories(tmp_path):
 # ------------------------------------------------------------------------------------------ train
 
 
-def _has_training():
-    return MaskRCNN.train_step is not keras.Model.train_step
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_training(), reason="MaskRCNN.train_step is not implemented yet")
 def test_train_synthetic_writes_model_and_checkpoints(tmp_path):
     out = tmp_path / "run"
     code = _run(["train", "--synthetic", "4", "--synthetic-size", str(SIZE), "--synthetic-val", "2",
@@ -284,3 +279,28 @@ def test_export_writes_a_versioned_saved_model(model_dir, tmp_path, capsys):
     assert "serving_bytes" in capsys.readouterr().out
     # The same version again is refused without --overwrite.
     assert _run(["export", "--model", str(model_dir / "model.keras"), "--output", str(out), "--version", "1"]) == 1
+
+
+def test_train_without_options_prints_and_follows_its_plan(tmp_path, coco_dir, monkeypatch, capsys):
+    # The plan for a small from-scratch dataset: no upscaling, the small preset, AdamW, the
+    # precision "auto" picks (logged). Training itself is replaced: this checks the wiring.
+    import keras_maskrcnn.train as train_module
+
+    directory, annotations = coco_dir
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda model, dataset, output, **kw: seen.update(
+        model=model, dataset=dataset, **kw))
+    code = _run(["train", "--annotations", annotations, "--images", str(directory),
+                 "--output", str(tmp_path / "run"), "--epochs", "12"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "keras_maskrcnn precision auto -> " in out
+    assert "Training plan:" in out and "resnet18" in out
+    assert f"short side {SIZE}, long side at most {SIZE} px" in out
+    model = seen["model"]
+    assert model.get_config()["backbone"] == "resnet18" and model.backbone_norm == "batch_norm"
+    assert (model.min_size, model.max_size) == (SIZE, SIZE)
+    assert type(seen["optimizer"]).__name__ == "FusedAdamW"
+    assert any(type(c).__name__ == "EpochTimeEstimate" for c in seen["callbacks"])
+    inputs, _ = next(iter(seen["dataset"]))
+    assert inputs["images"].shape[1:3] == (SIZE, SIZE)  # not enlarged to 800

@@ -2,8 +2,11 @@
 
 torchvision lives in a separate venv built by ../shared/tools/setup_torchvision_reference.sh
 (default /tmp/tvref-venv, or $TVREF_VENV). Tests send numpy arrays in an .npz, run a short
-script there, and read the arrays it saves. Tests skip where the environment is absent.
+script there, and read the arrays it saves. Tests skip where the environment is absent, and fail
+instead where ``KERAS_MASKRCNN_REQUIRE_TORCHVISION=1`` says it must be there (``.ci/run`` sets it
+after building the environment, so a broken reference build turns CI red).
 """
+import functools
 import os
 import subprocess
 import sys
@@ -25,9 +28,22 @@ def available() -> bool:
     return PYTHON.exists() and (TOOLS / "tvref.py").exists()
 
 
-requires_torchvision = pytest.mark.skipif(
-    not available(), reason="torchvision reference env absent (../shared/tools/setup_torchvision_reference.sh)"
-)
+REQUIRE_ENV = "KERAS_MASKRCNN_REQUIRE_TORCHVISION"
+ABSENT = f"torchvision reference env absent at {VENV} (../shared/tools/setup_torchvision_reference.sh)"
+
+
+def requires_torchvision(test):
+    """Decorator: run ``test`` where the reference exists; else skip it, or fail it when
+    ``KERAS_MASKRCNN_REQUIRE_TORCHVISION=1``."""
+    if available():
+        return test
+    if os.environ.get(REQUIRE_ENV) == "1":
+        @functools.wraps(test)
+        def fail(*args, **kwargs):
+            pytest.fail(f"{REQUIRE_ENV}=1 but the {ABSENT}")
+
+        return fail
+    return pytest.mark.skip(reason=ABSENT)(test)
 
 
 def run(script: str, **inputs: np.ndarray) -> dict:

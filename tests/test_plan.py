@@ -1,0 +1,98 @@
+"""keras_maskrcnn.plan: the training plan `keras-maskrcnn train` makes when the user does not say."""
+import numpy as np
+import pytest
+
+from keras_maskrcnn import plan as plan_module
+from keras_maskrcnn.plan import EpochTimeEstimate, batch_size_for, image_size_for, plan_training
+
+
+def test_image_size_never_enlarges_and_caps_at_torchvision():
+    assert image_size_for([(256, 256)]) == (256, 256)
+    assert image_size_for([(240, 320), (256, 256), (300, 200)]) == (200, 320)
+    assert image_size_for([(1080, 1920), (3000, 4000)]) == (800, 1333)
+    rng = np.random.default_rng()
+    sizes = [tuple(int(v) for v in rng.integers(32, 2000, size=2)) for _ in range(20)]
+    min_size, max_size = image_size_for(sizes)
+    for h, w in sizes:
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        assert scale <= 1.0 + 1e-9, (h, w, min_size, max_size)
+    with pytest.raises(ValueError):
+        image_size_for([])
+
+
+def test_batch_size_follows_the_pixels():
+    assert batch_size_for(256, 256) == 8
+    assert batch_size_for(128, 128) == 8  # capped
+    assert batch_size_for(512, 512) == 2
+    assert batch_size_for(800, 1333) == 2
+
+
+def test_from_scratch_plan_is_the_small_preset_with_adamw(monkeypatch):
+    monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32" if p == "auto" else p)
+    plan = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False)
+    assert plan.model_config["backbone"] == "resnet18"
+    assert plan.model_config["backbone_norm"] == "batch_norm"
+    assert plan.model_config["trainable_backbone_layers"] == 5
+    assert (plan.min_size, plan.max_size) == (256, 256)
+    assert plan.batch_size == 8 and plan.steps_per_epoch == 20 and plan.total_steps == 240
+    assert (plan.optimizer, plan.schedule) == ("adamw", "cosine")
+    assert plan.learning_rate == pytest.approx(2e-3)
+    assert plan.clipnorm == 10.0 and plan.warmup_steps == 20
+    assert plan.precision == "float32"
+    text = plan.describe()
+    for expected in ("resnet18", "256", "float32", "20 steps per epoch", "adamw"):
+        assert expected in text
+
+
+def test_pretrained_plan_is_torchvisions_recipe(monkeypatch):
+    monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32" if p == "auto" else p)
+    plan = plan_training([(480, 640), (600, 800)], 1000, epochs=26, pretrained=True)
+    assert plan.model_config["backbone"] == "resnet50"
+    assert plan.model_config["backbone_norm"] == "frozen_bn"
+    assert plan.model_config["trainable_backbone_layers"] == 3
+    assert (plan.min_size, plan.max_size) == (480, 800)
+    assert plan.batch_size == 2
+    assert (plan.optimizer, plan.schedule) == ("sgd", "step")
+    assert plan.learning_rate == pytest.approx(0.02 * 2 / 16)
+    assert plan.clipnorm is None
+
+
+def test_explicit_choices_win():
+    plan = plan_training(
+        [(256, 256)], 10, epochs=2, pretrained=False, backbone="resnet50", min_size=320, max_size=512,
+        batch_size=3, steps_per_epoch=7, precision="mixed_bfloat16", optimizer="sgd", learning_rate=0.5,
+        schedule="constant", warmup_steps=0, weight_decay=0.0, clipnorm=0.0, trainable_backbone_layers=2,
+        backbone_norm="frozen_bn", decay_epochs=[1],
+    )
+    assert plan.model_config["backbone"] == "resnet50"
+    assert (plan.min_size, plan.max_size) == (320, 512)
+    assert (plan.batch_size, plan.steps_per_epoch, plan.precision) == (3, 7, "mixed_bfloat16")
+    assert (plan.optimizer, plan.learning_rate, plan.schedule) == ("sgd", 0.5, "constant")
+    assert (plan.warmup_steps, plan.weight_decay, plan.clipnorm) == (0, 0.0, None)
+    assert plan.model_config["trainable_backbone_layers"] == 2
+    assert plan.model_config["backbone_norm"] == "frozen_bn"
+    assert plan.decay_steps == [7]
+    # Only a maximum given: the short side follows it down, never up.
+    assert plan_training([(600, 600)], 1, 1, False, max_size=400, precision="float32").min_size == 400
+
+
+def test_plan_builds_its_optimizer():
+    plan = plan_training([(128, 128)], 16, epochs=3, pretrained=False, precision="float32")
+    optimizer = plan.build_optimizer()
+    assert type(optimizer).__name__ == "FusedAdamW"
+    assert optimizer.global_clipnorm == 10.0
+
+
+def test_epoch_time_estimate_reports_once():
+    now = [0.0]
+    printed = []
+    callback = EpochTimeEstimate(steps_per_epoch=20, epochs=12, measure_steps=3, clock=lambda: now[0],
+                                 print_fn=printed.append)
+    callback.on_train_begin()
+    for step, t in enumerate([30.0, 32.0, 34.0, 36.0, 38.0, 40.0]):
+        now[0] = t
+        callback.on_train_batch_end(step)
+    assert len(printed) == 1
+    # First step 30 s; then 2 s per step: 40 s (0.7 min) per epoch, 8 min for 12 epochs.
+    assert "first step 30 s" in printed[0] and "2.00 s per step" in printed[0]
+    assert "0.7 min per epoch" in printed[0] and "8 min for 12 epochs" in printed[0]
