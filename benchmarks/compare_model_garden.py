@@ -47,8 +47,9 @@ CONFIGS = [
     ("train", 512, 512, 2, "float32"),
     ("train", 512, 512, 2, "mixed_bfloat16"),
 ]
-MARK_BEGIN = "<!-- compare_model_garden: begin -->"
-MARK_END = "<!-- compare_model_garden: end -->"
+# One section per kind of CPU (native or emulated bfloat16), so a run on one kind keeps the other's.
+MARK_BEGIN = "<!-- compare_model_garden: begin {kind} -->"
+MARK_END = "<!-- compare_model_garden: end {kind} -->"
 
 
 # ------------------------------------------------------------------------------ our worker
@@ -133,7 +134,7 @@ def _fmt(value, spec=".2f", suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _table(rows) -> str:
+def _table(rows, bf16_emulated: bool = False) -> str:
     lines = [
         "| run | precision | ours median s | Model Garden median s | speed-up | ours, masks pasted, median s "
         "| ours first call s | Model Garden first call s | ours peak MiB | Model Garden peak MiB |",
@@ -144,6 +145,8 @@ def _table(rows) -> str:
         name = f"{'inference' if mode == 'infer' else 'train step'} {h}x{w}, batch {b}"
         o, p = ours.get("median_s"), peer.get("median_s")
         ratio = p / o if o and p else None
+        if precision == "mixed_bfloat16" and bf16_emulated:
+            precision += " (emulated)"
         lines.append(
             f"| {name} | {precision} | {_fmt(o) if o else ours.get('error', '-')} "
             f"| {_fmt(p) if p else peer.get('error', '-')} | {_fmt(ratio, '.2f', 'x')} "
@@ -155,6 +158,11 @@ def _table(rows) -> str:
 
 
 def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
+    from keras_maskrcnn.precision import detect_hardware, machine_summary, native_bfloat16
+
+    hardware = detect_hardware()
+    kind = "native-bf16" if native_bfloat16(hardware) else "emulated-bf16"
+    begin, end = MARK_BEGIN.format(kind=kind), MARK_END.format(kind=kind)
     ours_tf = next((r[1].get("tf_version") for r in rows if "tf_version" in r[1]), "?")
     peer_tf = next((r[2].get("tf_version") for r in rows if "tf_version" in r[2]), "?")
     details = "\n".join(
@@ -163,11 +171,12 @@ def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
         + (f", ours with masks pasted {[round(t, 3) for t in q.get('times_s', [])]}" if q else "")
         for c, o, p, q in rows
     )
-    section = f"""{MARK_BEGIN}
-## keras_maskrcnn vs TF Model Garden, same machine, same run
+    section = f"""{begin}
+## keras_maskrcnn vs TF Model Garden, same machine, same run ({hardware.cpu_model}, bfloat16 {kind.split("-")[0]})
 
+Machine: {machine_summary(hardware)}.
 Command: `{command}` ({datetime.date.today().isoformat()}; keras_maskrcnn on TensorFlow {ours_tf},
-Model Garden 2.20 on TensorFlow {peer_tf}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores;
+Model Garden 2.20 on TensorFlow {peer_tf}, {platform.machine()};
 load average {loads[0]} before, {loads[1]} after). Medians of the timed calls after the first;
 speed-up = Model Garden time / ours. Inference is compared on the same output (boxes, scores,
 classes, 28x28 box-relative mask probabilities of 100 detections); "masks pasted" is our default
@@ -178,10 +187,10 @@ compute. Peak memory is that of the equal-output process.
 
 Every timed call:
 {details}
-{MARK_END}"""
+{end}"""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as f:
@@ -216,6 +225,10 @@ def main():
 
     if not args.skip_peer and not os.path.exists(args.peer_python):
         sys.exit(f"Model Garden's Python {args.peer_python} not found: run ../shared/tools/setup_model_garden_peer.sh")
+    from keras_maskrcnn.precision import detect_hardware, machine_summary, native_bfloat16
+
+    print(f"Machine: {machine_summary()}", flush=True)
+    emulated = not native_bfloat16(detect_hardware())
     loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
     rows = []
     for config in CONFIGS:
@@ -231,9 +244,9 @@ def main():
         )
         pasted = _run_worker(worker + ["--masks", "binary"], args.timeout) if mode == "infer" else {}
         rows.append((config, ours, peer, pasted))
-        print(_table([rows[-1]]).splitlines()[-1], flush=True)
+        print(_table([rows[-1]], emulated).splitlines()[-1], flush=True)
     loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
-    table = _table(rows)
+    table = _table(rows, emulated)
     print(table)
     if args.markdown:
         command = "python benchmarks/compare_model_garden.py " + " ".join(

@@ -62,6 +62,22 @@ class Hardware:
         return f"{self.cpu_model} ({', '.join(present) or 'none of ' + '/'.join(REPORTED_CPU_FLAGS)})"
 
 
+def native_bfloat16(hardware: "Hardware") -> bool:
+    """Whether ``hardware``'s CPU flags promise native bfloat16 (AMX or AVX512_BF16)."""
+    return any(f in hardware.cpu_flags for f in BFLOAT16_CPU_FLAGS)
+
+
+def machine_summary(hardware: Optional["Hardware"] = None) -> str:
+    """One line naming the machine for benchmark results: CPU model and extensions, cores, GPUs,
+    and whether bfloat16 is native or emulated on the CPU."""
+    import os
+
+    hardware = hardware or detect_hardware()
+    bf16 = "bfloat16 native" if native_bfloat16(hardware) else "bfloat16 emulated (no AMX/AVX512_BF16)"
+    gpus = "; GPUs: " + ", ".join(f"{n} (cc {c[0]}.{c[1]})" for n, c in hardware.gpus) if hardware.gpus else ", no GPU"
+    return f"{hardware.describe_cpu()}, {os.cpu_count()} cores, {bf16}{gpus}"
+
+
 def read_cpuinfo(text: str) -> Tuple[str, frozenset]:
     """Model name and flags of the first processor in a ``/proc/cpuinfo`` text."""
     model, flags = "unknown CPU", frozenset()
@@ -134,7 +150,7 @@ def choose_policy(hardware: Hardware, bfloat16_speedup=measure_bfloat16_speedup)
         return "float32", f"GPU {name} has compute capability {capability[0]}.{capability[1]} < 7.0 (no float16 tensor cores)"
     cpu = hardware.describe_cpu()
     native = [f for f in BFLOAT16_CPU_FLAGS if f in hardware.cpu_flags]
-    if not native:
+    if not native_bfloat16(hardware):
         return "float32", f"CPU {cpu} has no native bfloat16 (neither AMX nor AVX512_BF16): bfloat16 would be emulated, about 10x slower"
     speedup = bfloat16_speedup()
     if speedup >= MIN_BFLOAT16_SPEEDUP:
