@@ -202,6 +202,9 @@ def main():
     parser.add_argument("--runs", type=int, default=5, help="timed calls after the first (median reported)")
     parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="Python of the Model Garden venv")
     parser.add_argument("--only", choices=["infer", "train"], help="run only these configurations")
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "mixed_bfloat16"],
+                        default=["float32", "mixed_bfloat16"],
+                        help="precisions to run (on CPUs without native bfloat16, float32 is the one that matters)")
     parser.add_argument("--skip-peer", action="store_true", help="time keras_maskrcnn only")
     parser.add_argument("--inter-op-threads", type=int, default=0,
                         help="TensorFlow's inter-op thread pool size for both systems (0 = TensorFlow's "
@@ -233,7 +236,7 @@ def main():
     rows = []
     for config in CONFIGS:
         mode, h, w, b, precision = config
-        if args.only and mode != args.only:
+        if (args.only and mode != args.only) or precision not in args.precisions:
             continue
         common = ["--mode", mode, "--height", str(h), "--width", str(w), "--batch", str(b),
                   "--precision", precision, "--runs", str(args.runs), "--inter-op-threads", str(args.inter_op_threads)]

@@ -6,7 +6,7 @@ same kind of batches already in memory.
 Measured for ``keras_maskrcnn.data.coco_dataset`` (JPEG decoding, resizing by the COCO
 rule, random flips, mask rasterisation, padding, batching, prefetch) on a real COCO-format set:
 batches/s of the pipeline alone, and ``model.fit`` steps/s of a ResNet-50-FPN Mask R-CNN
-(mixed_bfloat16, frozen batch norm, torchvision's defaults) fed three ways: by the pipeline; by
+(the precision ``--precision`` gives, by default the one ``auto`` picks; frozen batch norm, torchvision's defaults) fed three ways: by the pipeline; by
 ``--steps`` batches that the pipeline made beforehand, held in memory (the same kind of data, no
 pipeline work during training); and by one batch repeated (the model then sees the same images
 every step, which changes data-dependent work such as NMS). Two alternating rounds of ``--steps``
@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--min-size", type=int, default=512)
     parser.add_argument("--max-size", type=int, default=683)
+    parser.add_argument("--precision", default="auto", help="dtype policy (auto: chosen for this machine)")
     parser.add_argument("--markdown", help="append the result to this file")
     args = parser.parse_args()
     annotations = os.path.join(args.data, "instances.json")
@@ -57,7 +58,10 @@ def main():
         next(iterator)
     pipeline_rate = args.steps / (time.perf_counter() - start)
 
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    from keras_maskrcnn.precision import machine_summary, set_global_policy
+
+    args.precision = set_global_policy(args.precision)
+    print(f"Machine: {machine_summary()}")
     keras.utils.set_random_seed(0)
     model = MaskRCNN(num_classes=3, min_size=args.min_size, max_size=args.max_size)
     model.compile(optimizer=keras.optimizers.SGD(0.005, momentum=0.9))
@@ -86,7 +90,7 @@ def main():
             f.write(
                 "\n## Input pipeline on real data\n\nCommand: `python benchmarks/input_pipeline.py "
                 f"--steps {args.steps} --markdown BENCHMARKS.md` ({os.path.basename(os.path.normpath(args.data))}, "
-                f"batch {args.batch_size}, min/max size {args.min_size}/{args.max_size}, ResNet-50-FPN, mixed_bfloat16).\n\n"
+                f"batch {args.batch_size}, min/max size {args.min_size}/{args.max_size}, ResNet-50-FPN, {args.precision}; {machine_summary()}).\n\n"
                 "| measurement | rate |\n|---|---|\n"
                 + "".join(f"| {name} | {value:.2f} |\n" for name, value in rows)
                 + f"| pipeline-fed / in memory | {fed_rate / memory_rate:.2f} |\n\n"

@@ -35,8 +35,10 @@ def _alternate(calls, rounds: int, repeats: int):
     return times
 
 
-def training_steps(rounds: int, steps: int):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+def training_steps(rounds: int, steps: int, precision: str = "auto"):
+    from keras_maskrcnn.precision import set_global_policy
+
+    set_global_policy(precision)
     config = dict(small_model_config(256), box_batch_size_per_image=64, rpn_post_nms_top_n_train=500)
     inputs, targets = next(iter(synthetic_dataset(4, 4, seed=1, max_instances=16)))
     calls = {}
@@ -78,9 +80,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="calls per round")
+    parser.add_argument("--precision", default="auto", help="dtype policy of the training steps (auto: chosen for this machine)")
     args = parser.parse_args()
+    from keras_maskrcnn.precision import machine_summary
+
+    print(f"Machine: {machine_summary()}")
     updates, params = optimizer_updates(args.rounds, 2 * args.steps)
-    steps = training_steps(args.rounds, args.steps)
+    steps = training_steps(args.rounds, args.steps, args.precision)
     print(f"| measurement | {' | '.join(OPTIMIZERS)} |\n|---|---|---|")
     for label, times in ((f"update of {params / 1e6:.1f}M parameters", updates),
                          ("training step (small config, batch 4)", steps)):

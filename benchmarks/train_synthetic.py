@@ -18,13 +18,15 @@ from keras_maskrcnn.callbacks import CosineDecayOverTime, TimeLimit
 from keras_maskrcnn.data import SyntheticShapes, synthetic_dataset
 from keras_maskrcnn.evaluation import evaluate_coco
 from keras_maskrcnn.optimizers import FusedAdamW
+from keras_maskrcnn.precision import machine_summary, set_global_policy
 from keras_maskrcnn.presets import small_model_config
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=14.0)
-    parser.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16"],
+                        help="dtype policy (auto: chosen for this machine, keras_maskrcnn.precision)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
@@ -43,7 +45,8 @@ def main():
     parser.add_argument("--output", default=None, help="write the metrics JSON here")
     parser.add_argument("--save", default=None, help="save the trained model here (.keras)")
     args = parser.parse_args()
-    keras.mixed_precision.set_global_policy(args.precision)
+    args.precision = set_global_policy(args.precision)
+    print(f"Machine: {machine_summary()}")
     keras.utils.set_random_seed(0)
 
     train = synthetic_dataset(args.train_images, args.batch_size, seed=1, max_instances=16, repeat=True)

@@ -7,21 +7,28 @@ from typing import Any, Dict
 def small_model_config(image_size: int = 256) -> Dict[str, Any]:
     """A small, fast Mask R-CNN for small images and training from scratch on a CPU.
 
-    ResNet-18 with trainable batch norm, 128-channel FPN, anchors one octave smaller than COCO's,
-    and fewer proposals and sampled RoIs. Images are used at ``image_size`` (short and long side).
+    ResNet-18 with trainable batch norm, a 64-channel FPN, anchors one octave smaller than COCO's,
+    fewer proposals, 64 sampled RoIs per image and a mask head of two 64-channel convolutions.
+    Images are used at ``image_size`` (short and long side).
+
+    The narrow heads are what makes float32 training affordable where bfloat16 is not native:
+    at 256 x 256, batch 8, a training step costs 4.3 CPU-seconds against 9.2 with torchvision's
+    head widths at 128 channels (AMD EPYC, AVX2, BENCHMARKS.md).
     """
     return dict(
         backbone="resnet18",
         backbone_norm="batch_norm",
         trainable_backbone_layers=5,
-        fpn_channels=128,
+        fpn_channels=64,
         representation_size=256,
+        mask_head_channels=64,
+        mask_head_convs=2,
         anchor_sizes=(16, 32, 64, 128, 256),
         rpn_pre_nms_top_n_train=1000,
         rpn_post_nms_top_n_train=500,
         rpn_pre_nms_top_n_test=500,
         rpn_post_nms_top_n_test=300,
-        box_batch_size_per_image=128,
+        box_batch_size_per_image=64,
         min_size=image_size,
         max_size=image_size,
     )
@@ -31,21 +38,10 @@ DEMO_IMAGE_SIZE = 160
 
 
 def demo_config(image_size: int = DEMO_IMAGE_SIZE) -> Dict[str, Any]:
-    """The main job's model (``make demo``): :func:`small_model_config` with narrow heads.
-
-    Sized to learn synthetic shapes in a few minutes on a 2-core CPU in float32 (no native
-    bfloat16): 64-channel FPN, a mask head of two 64-channel convolutions, 64 sampled RoIs per
-    image, anchors scaled with the image.
-    """
+    """The main job's model (``make demo``): :func:`small_model_config` at ``image_size`` with the
+    anchors scaled with the image (the synthetic shapes scale with it)."""
     scale = image_size / 256.0
-    return dict(
-        small_model_config(image_size),
-        fpn_channels=64,
-        mask_head_channels=64,
-        mask_head_convs=2,
-        anchor_sizes=tuple(round(s * scale) for s in (16, 32, 64, 128, 256)),
-        box_batch_size_per_image=64,
-    )
+    return dict(small_model_config(image_size), anchor_sizes=tuple(round(s * scale) for s in (16, 32, 64, 128, 256)))
 
 
 def torchvision_maskrcnn_resnet50_fpn_config(**overrides: Any) -> Dict[str, Any]:
