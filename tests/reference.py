@@ -197,3 +197,46 @@ def roi_align(features, boxes, box_indices, output_size, spatial_scale, sampling
                     if grad is not None:
                         d_features[b, r, c] += w * np.asarray(grad[k, ph, pw], np.float64)
     return (out, d_features) if grad is not None else out
+
+
+def _adaptive_roi_align_weights(lo, hi, out, size):
+    """``[out, size]``: along one axis, what torchvision's ``roi_align(spatial_scale=1,
+    sampling_ratio=-1, aligned=False)`` averages per output bin (``ceil(roi / out)`` samples per
+    bin, bilinear, zero beyond ``-1`` / ``size``, clamped to ``[0, size - 1]`` otherwise).
+    Sample coordinates in float32 in the C++ kernel's order of operations."""
+    f32 = np.float32
+    lo, hi = f32(lo), f32(hi)
+    length = max(f32(hi - lo), f32(1.0))
+    bin_size = f32(length / f32(out))
+    grid = int(np.ceil(f32(length / f32(out))))
+    p = np.arange(out, dtype=f32)[:, None]
+    k = np.arange(grid, dtype=f32)[None, :]
+    y = (lo + p * bin_size) + (k + f32(0.5)) * bin_size / f32(grid)  # [out, grid] float32
+    valid = (y >= -1.0) & (y <= size)
+    y = np.maximum(y.astype(np.float64), 0.0)
+    low = np.floor(y).astype(np.int64)
+    last = low >= size - 1
+    low = np.where(last, size - 1, low)
+    high = np.where(last, size - 1, low + 1)
+    frac = np.where(last, 0.0, y - low)
+    rows = np.broadcast_to(np.arange(out)[:, None], y.shape)
+    weights = np.zeros((out, size))
+    np.add.at(weights, (rows[valid], low[valid]), (1.0 - frac[valid]) / grid)
+    np.add.at(weights, (rows[valid], high[valid]), frac[valid] / grid)
+    return weights
+
+
+def project_masks_on_boxes(masks, rois, matched, size):
+    """torchvision's ``project_masks_on_boxes`` (Mask R-CNN's mask targets): ``roi_align`` of the
+    full-resolution ``masks [G, H, W]`` over ``rois [K, 4]`` (x1, y1, x2, y2) of ground truth
+    ``matched [K]`` to ``size x size``, with ``spatial_scale=1``, adaptive ``sampling_ratio=-1``
+    and ``aligned=False``. Separable, so each RoI is ``Wy @ mask @ Wx^T``. ``[K, size, size]`` float64.
+    """
+    masks = np.asarray(masks, np.float64)
+    _, height, width = masks.shape
+    out = np.zeros((len(rois), size, size))
+    for k, (roi, g) in enumerate(zip(np.asarray(rois, np.float32), matched)):
+        wy = _adaptive_roi_align_weights(roi[1], roi[3], size, height)
+        wx = _adaptive_roi_align_weights(roi[0], roi[2], size, width)
+        out[k] = wy @ masks[g] @ wx.T
+    return out

@@ -236,7 +236,7 @@ def test_annotations_are_left_out_clipped_or_refused_as_reported(broken):
         per_image.setdefault(ann["image_id"], []).append(ann)
 
     boxes, classes, masks = source.targets(8)  # no annotations: an all-background example
-    assert boxes.shape == (0, 4) and classes.shape == (0,) and masks.shape == (0, 64, 64)
+    assert boxes.shape == (0, 4) and classes.shape == (0,) and masks.shape == (0, 128, 128)
     # Zero-area and outside boxes are left out; the other annotations of image 9 stay.
     assert len(source.targets(9)[0]) == len(per_image[9]) - 2
     # A polygon with < 3 points leaves its annotation out; one outside the image gives an empty mask.

@@ -1,4 +1,4 @@
-"""Tests of keras_maskrcnn.data: COCO pipeline (mini masks vs pycocotools, resize, flip, padding,
+"""Tests of keras_maskrcnn.data: COCO pipeline (coverage masks vs pycocotools, resize, flip, padding,
 errors) and the synthetic dataset. Fixtures are tiny COCO files written into tmp_path."""
 import json
 import logging
@@ -21,15 +21,15 @@ from keras_maskrcnn.data import (
     coco_dataset,
     load_image,
     resize_image,
+    mini_mask,
     resized_size,
-    sample_mini_mask,
     synthetic_dataset,
 )
 
 # pycocotools' decode trips a numpy 2 DeprecationWarning (copy keyword); not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
-M = 64
+M = 128  # the pipeline's default mask_size
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
@@ -120,16 +120,8 @@ CLASSES = {10: [2, 1, 3], 20: [3, 1], 30: []}  # categories 5, 17, 90 -> classes
 
 
 def _reference_mini_mask(full, box):
-    """The full-resolution mask read at the mini-mask sample points (pixel under each point)."""
-    return sample_mini_mask(full, np.asarray(box), M)
-
-
-def _boundary(full):
-    """Pixels with a differently valued 8-neighbour."""
-    padded = np.pad(full, 1, mode="edge")
-    h, w = full.shape
-    shifted = [padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    return np.any([s != full for s in shifted], axis=0)
+    """Coverage mask of the full-resolution mask (area of each of the box's M x M cells covered)."""
+    return mini_mask(full, np.asarray(box), M)
 
 
 def _first_batch(dataset):
@@ -137,7 +129,7 @@ def _first_batch(dataset):
 
 
 # ------------------------------------------------------------------------------------------
-# COCO: mini masks, categories, crowd
+# COCO: coverage masks, categories, crowd
 # ------------------------------------------------------------------------------------------
 
 
@@ -156,29 +148,56 @@ def test_mini_masks_agree_with_pycocotools(coco_files):
             np.testing.assert_allclose(box, [x, y, x + w, y + h], atol=1e-4)
             full = coco.annToMask(ann)
             reference = _reference_mini_mask(full, box)
-            if ann_id == 2 or isinstance(ann["segmentation"], dict):
-                # Axis-aligned rectangles (no sample point on an edge) and RLEs: exact.
-                np.testing.assert_array_equal(mask, reference, err_msg=f"annotation {ann_id}")
-            else:
-                assert (mask == reference).mean() >= 0.97, ann_id
-                # Any disagreement lies on the full-resolution mask's boundary.
-                xs = np.floor(box[0] + (np.arange(M) + 0.5) * (box[2] - box[0]) / M).astype(int)
-                ys = np.floor(box[1] + (np.arange(M) + 0.5) * (box[3] - box[1]) / M).astype(int)
-                ys, xs = np.clip(ys, 0, full.shape[0] - 1), np.clip(xs, 0, full.shape[1] - 1)
-                on_edge = _boundary(full)[ys[:, None], xs[None, :]]
-                assert np.all(on_edge[mask != reference]), ann_id
+            # Polygons are rasterised as annToMask does (on a canvas cut at the box), RLEs decoded:
+            # the same pixels, so the same coverage, for every kind.
+            np.testing.assert_array_equal(mask, reference, err_msg=f"annotation {ann_id}")
             assert mask.any()
 
 
 def test_rectangle_polygon_mini_mask_is_exact(coco_files):
     path, image_dir = coco_files
     boxes, _, masks = CocoSource(path, image_dir).targets(10, M)
-    # Box (8, 8, 24, 40); rows cover y in [8, 16) and [24, 40) -> mini rows [0, 16) and [32, 64).
+    # Box (8, 8, 24, 40); rows cover y in [8, 16) and [24, 40) -> cell rows [0, 32) and [64, 128).
     expected = np.zeros((M, M), np.uint8)
-    expected[:16] = 1
-    expected[32:] = 1
+    expected[:32] = 255
+    expected[64:] = 255
     np.testing.assert_array_equal(boxes[1], [8, 8, 24, 40])
     np.testing.assert_array_equal(masks[1], expected)
+
+
+def _cell_overlaps(lo, hi, n, size):
+    """``[n, size]`` length of each of ``n`` equal cells of ``[lo, hi]`` inside pixel ``[k, k + 1]``."""
+    edges = lo + (hi - lo) * np.arange(n + 1) / n
+    pixels = np.arange(size)
+    return np.maximum(np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels), 0)
+
+
+def test_mini_mask_is_the_area_average():
+    rng = np.random.default_rng(4)
+    full = (rng.random((40, 50)) < 0.3).astype(np.uint8)
+    for box in [(3.3, 2.7, 41.9, 30.2), (0, 0, 50, 40), (45.5, 30.25, 50, 40), (10, 10, 11, 11), (-2.5, 35.5, 7.25, 45)]:
+        for n in (8, 64, 128):
+            x1, y1, x2, y2 = box
+            area = _cell_overlaps(y1, y2, n, 40) @ full @ _cell_overlaps(x1, x2, n, 50).T
+            expected = 255 * area / ((x2 - x1) * (y2 - y1) / n**2)  # outside the image counts as empty
+            got = mini_mask(full, np.array(box), n)
+            assert got.dtype == np.uint8 and got.shape == (n, n)
+            assert np.abs(got - expected).max() <= 0.5 + 1e-6, (box, n)
+
+
+def test_thin_polygon_parts_keep_their_area():
+    """Two vertical 4-pixel bars at the sides of a 600-pixel box: point samples 600 / 64 pixels
+    apart all missed them; coverage keeps each row's and column's share of their area."""
+    from keras_maskrcnn.data.coco import annotation_mini_mask
+
+    bars = [[20, 10, 24, 10, 24, 610, 20, 610], [616, 10, 620, 10, 620, 610, 616, 610]]
+    box = np.array([20, 10, 620, 610], np.float32)
+    mask = annotation_mini_mask(bars, box, M, 700, 700).astype(np.float64) / 255
+    cell = 600 / M
+    np.testing.assert_allclose(mask.sum() * cell * cell, 2 * 4 * 600, rtol=2e-3)
+    np.testing.assert_allclose(mask.sum(1) * cell, 8, rtol=2e-3)  # every row of cells: 2 x 4 pixels
+    columns = mask.mean(0)  # covered fraction of each column of cells
+    assert 2 <= np.count_nonzero(columns) <= 4 and abs(columns.sum() * cell - 8) < 0.02
 
 
 def test_category_mapping_and_source_metadata(coco_files):
@@ -301,14 +320,11 @@ def test_resize_matches_torchvision():
 
 
 def _paste(mask, box, height, width):
-    """Render a mini mask into a full ``[height, width]`` mask (pixel centres inside the box)."""
-    x1, y1, x2, y2 = box
-    xs = np.arange(width) + 0.5
-    ys = np.arange(height) + 0.5
-    cols = np.clip(np.floor((xs - x1) * M / (x2 - x1)).astype(int), 0, M - 1)
-    rows = np.clip(np.floor((ys - y1) * M / (y2 - y1)).astype(int), 0, M - 1)
-    inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
-    return inside & (mask[rows[:, None], cols[None, :]] == 1)
+    """Render a coverage mask into a full ``[height, width]`` mask: pixels at least half covered
+    (each pixel's coverage the area-weighted mean of the cells over it; mirror-symmetric)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    area = _cell_overlaps(y1, y2, M, height).T @ (mask / 255.0) @ _cell_overlaps(x1, x2, M, width)
+    return area >= 0.5  # pixels have unit area
 
 
 def test_horizontal_flip(coco_files):
@@ -332,7 +348,7 @@ def test_horizontal_flip(coco_files):
             full = _paste(plain["masks"][b, i].numpy(), boxes[i], h, w)
             full_flipped = _paste(flipped["masks"][b, i].numpy(), flipped["boxes"][b, i].numpy(), h, w)
             assert full.any()
-            # Equal up to pixel centres exactly on a mini-mask cell edge (rounding ties).
+            # Equal up to pixels covered exactly half (rounding ties).
             assert (full_flipped == full[:, ::-1]).mean() > 0.995
 
 
@@ -407,7 +423,7 @@ def test_synthetic_is_deterministic_and_masks_match_boxes():
             rows, cols = np.nonzero(mask)
             np.testing.assert_array_equal(box, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
             assert mask.sum() >= generator.min_visible_pixels
-            np.testing.assert_array_equal(small, sample_mini_mask(mask, box, M))
+            np.testing.assert_array_equal(small, mini_mask(mask, box, M))
         # Instances are disjoint (occlusion resolved) and cover exactly the non-background labels.
         assert masks.sum(0).max() <= 1 and masks.sum() == (sample.label_map > 0).sum()
     other = SyntheticShapes(num_classes=5, seed=8).sample(0)

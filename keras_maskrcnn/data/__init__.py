@@ -1,22 +1,24 @@
 """Input pipelines: COCO files and a built-in synthetic dataset, with one element structure.
 
 See :mod:`keras_maskrcnn.data.coco` for the ``(inputs, targets)`` structure (images, image
-sizes, boxes, contiguous classes and box-relative mini masks).
+sizes, boxes, contiguous classes and box-relative coverage masks).
 """
 from keras_maskrcnn.data.categories import category_to_class, class_to_category
 from keras_maskrcnn.data.coco import (
+    MASK_SIZE,
     CocoSource,
     build_dataset,
     coco_dataset,
     load_image,
+    mini_mask,
     resize_image,
     resized_size,
-    sample_mini_mask,
 )
 from keras_maskrcnn.data.synthetic import SHAPE_NAMES, SyntheticImage, SyntheticShapes, synthetic_dataset
 
 __all__ = [
     "CocoSource",
+    "MASK_SIZE",
     "SHAPE_NAMES",
     "SyntheticImage",
     "SyntheticShapes",
@@ -25,8 +27,8 @@ __all__ = [
     "class_to_category",
     "coco_dataset",
     "load_image",
+    "mini_mask",
     "resize_image",
     "resized_size",
-    "sample_mini_mask",
     "synthetic_dataset",
 ]

@@ -1,4 +1,4 @@
-"""COCO instance-segmentation input pipeline (``tf.data``) with box-relative "mini masks".
+"""COCO instance-segmentation input pipeline (``tf.data``) with box-relative coverage masks.
 
 Element structure (shared by :func:`coco_dataset` and the synthetic set), ``(inputs, targets)``:
 
@@ -11,20 +11,32 @@ Element structure (shared by :func:`coco_dataset` and the synthetic set), ``(inp
 * ``targets["boxes"]``: ``[B, G, 4]`` float32 ``(x1, y1, x2, y2)`` in resized-image pixels
   (conventions of :mod:`keras_maskrcnn.boxes`); rows past an image's instance count are zero.
 * ``targets["classes"]``: ``[B, G]`` int32, contiguous 1-based (:mod:`.categories`); 0 = padding.
-* ``targets["masks"]``: ``[B, G, M, M]`` uint8 mini masks: ``mask[i, j] = 1`` where the instance
-  covers the point ``(x1 + (j + 0.5) * (x2 - x1) / M, y1 + (i + 0.5) * (y2 - y1) / M)`` of its
-  own box. Being box-relative they are unchanged by resizing; a horizontal flip reverses their
-  columns (and maps the box's ``x`` to ``W - x``). Full-image masks are never held per instance.
+* ``targets["masks"]``: ``[B, G, N, N]`` uint8 box-relative coverage masks ("mini masks",
+  ``N = mask_size``, default 128): the box is cut into an ``N x N`` grid and cell ``(i, j)``
+  holds the fraction of its area the instance's pixels cover, times 255 (:func:`mini_mask`;
+  pixel ``(r, c)`` spans ``[c, c + 1] x [r, r + 1]``, as boxes do). Area averages, not point
+  samples, so parts thinner than a cell (a 4-pixel bar in a 600-pixel box) keep their weight;
+  :func:`keras_maskrcnn.targets.mask_targets` pools them into torchvision's mask targets. Being
+  box-relative they are unchanged by resizing; a horizontal flip reverses their columns (and
+  maps the box's ``x`` to ``W - x``). Full-image masks are never held per instance: a batch of
+  8 images at 1024 x 1024 with 100 instances each holds 8 * 100 * 128 * 128 B = 13.1 MB of masks
+  (full-image uint8 masks would take 839 MB).
 
 ``G`` is ``max_instances`` (fixed; extra instances are dropped, warned about once) or, with
 ``max_instances=None``, the largest instance count of the batch (possibly 0: ``[B, 0, 4]``).
 
-Mini masks are rasterised straight at ``M x M``: polygon vertices are mapped into the box frame
-and rasterised by pycocotools (whose rasteriser tests pixel centres, matching the definition
-above); RLE masks (compressed or not) are decoded at full size and sampled at the ``M x M``
-points (nearest pixel). ``iscrowd`` annotations are left out of the targets (COCO evaluation
-treats them as ignore regions; torchvision and detectron2 drop them for training), as are
-annotations whose box, clipped to the image, has zero area, or that have no segmentation.
+Coverage masks are computed from the instance's full-resolution pixel mask, as torchvision
+trains on: RLE masks (compressed or not) are decoded, polygons rasterised by pycocotools (as
+``COCO.annToMask``; only up to the box's bottom-right corner), and the pixels inside the box
+averaged over each cell exactly (a summed-area table). Pixels outside the box are dropped:
+none for RLE masks and boxes that are the masks' extent, up to half a pixel along the edges for
+polygons (pycocotools sets pixels whose centre is inside, which can stick out of the polygon's
+box). The masks are averaged at the file's resolution and scale with their box; torchvision
+instead resizes its masks with the image by nearest neighbour (each new pixel takes the old
+pixel under its top-left corner), which moves their edges by up to a resized pixel. ``iscrowd``
+annotations are left out of the targets (COCO evaluation treats them as ignore regions;
+torchvision and detectron2 drop them for training), as are annotations whose box, clipped to
+the image, has zero area, or that have no segmentation.
 
 Images are read with PIL (:func:`load_image`): greyscale and palette images become RGB, alpha
 is dropped, 16-bit/float images are rescaled from their own ``[min, max]`` to ``[0, 255]``.
@@ -62,7 +74,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 # (image uint8 [H, W, 3], boxes float32 [n, 4] in original pixels, classes int32 [n],
-#  mini masks uint8 [n, M, M], image id) for one dataset index.
+#  coverage masks uint8 [n, N, N], image id) for one dataset index.
 Example = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 
@@ -149,46 +161,73 @@ def resize_image(
 
 
 # --------------------------------------------------------------------------------------------
-# Mini masks
+# Box-relative coverage masks ("mini masks")
 # --------------------------------------------------------------------------------------------
 
 
-def _mini_mask_points(box: np.ndarray, mask_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Sample coordinates ``(xs [M], ys [M])`` of a box's mini mask, in image pixels."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    centres = (np.arange(mask_size, dtype=np.float64) + 0.5) / mask_size
-    return x1 + centres * (x2 - x1), y1 + centres * (y2 - y1)
+MASK_SIZE = 128
+"""Default side ``N`` of the box-relative coverage masks (see the module docstring)."""
 
 
-def sample_mini_mask(full_mask: np.ndarray, box: np.ndarray, mask_size: int) -> np.ndarray:
-    """Mini mask of a full-resolution ``[H, W]`` mask: the pixel under each sample point.
+def _prefix_sums(values: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """Sums of ``values`` over ``[0, p)`` along ``axis`` for each ``p`` of ``positions`` (ints in ``[0, n]``)."""
+    sums = np.cumsum(values, axis=axis, dtype=np.int32)
+    sums = np.concatenate([np.zeros_like(np.take(sums, [0], axis=axis)), sums], axis=axis)
+    return np.take(sums, positions, axis=axis)
 
-    Returns ``uint8 [M, M]``; points outside the image read the nearest border pixel.
+
+def mini_mask(full_mask: np.ndarray, box: np.ndarray, mask_size: int = MASK_SIZE) -> np.ndarray:
+    """Box-relative coverage mask of a full-resolution ``[H, W]`` mask: ``uint8 [N, N]``.
+
+    Cell ``(i, j)`` covers ``[x1 + j w / N, x1 + (j + 1) w / N] x [y1 + i h / N, y1 + (i + 1) h / N]``
+    of ``box`` (pixel ``(r, c)`` spans ``[c, c + 1] x [r, r + 1]``); its value is the fraction of
+    that area inside the mask's nonzero pixels, times 255, rounded. Exact: the mask area
+    above-left of a point is bilinear between pixel corners, so cells take it from the summed-area
+    table at the corners around their edges. ``O(box area + N^2)``; pixels outside the box and
+    the image are not represented.
     """
-    xs, ys = _mini_mask_points(box, mask_size)
-    h, w = full_mask.shape
-    cols = np.clip(np.floor(xs).astype(np.int64), 0, w - 1)
-    rows = np.clip(np.floor(ys).astype(np.int64), 0, h - 1)
-    return (full_mask[rows[:, None], cols[None, :]] != 0).astype(np.uint8)
-
-
-def polygons_to_mini_mask(polygons: Sequence[Sequence[float]], box: np.ndarray, mask_size: int) -> np.ndarray:
-    """Rasterise COCO polygons (image pixels) straight into the ``M x M`` frame of ``box``.
-
-    pycocotools sets pixel ``(i, j)`` where ``(j + 0.5, i + 0.5)`` lies inside the polygon, so
-    after mapping the vertices into the box frame that is exactly the mini-mask definition.
-    Returns ``uint8 [M, M]``.
-    """
+    height, width = full_mask.shape
     x1, y1, x2, y2 = (float(v) for v in box)
-    sx = mask_size / (x2 - x1)
-    sy = mask_size / (y2 - y1)
-    local = []
-    for polygon in polygons:
-        p = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        p = np.stack([(p[:, 0] - x1) * sx, (p[:, 1] - y1) * sy], axis=1)
-        local.append(p.ravel().tolist())
-    rles = mask_utils.frPyObjects(local, mask_size, mask_size)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(np.uint8)
+    r0, r1 = min(max(math.floor(y1), 0), height), min(max(math.ceil(y2), 0), height)
+    c0, c1 = min(max(math.floor(x1), 0), width), min(max(math.ceil(x2), 0), width)
+    if r1 <= r0 or c1 <= c0 or x2 <= x1 or y2 <= y1:
+        return np.zeros((mask_size, mask_size), np.uint8)
+    fractions = np.arange(mask_size + 1, dtype=np.float64) / mask_size
+
+    def taps(lo, hi, origin, size):  # summed-area table corners below each cell edge, weights
+        edges = np.clip(lo + (hi - lo) * fractions - origin, 0.0, size)
+        low = np.minimum(np.floor(edges).astype(np.int64), size - 1)
+        return low, edges - low
+
+    rows, fy = taps(y1, y2, r0, r1 - r0)
+    cols, fx = taps(x1, x2, c0, c1 - c0)
+    inside = np.asarray(full_mask[r0:r1, c0:c1]) != 0
+    table = _prefix_sums(inside, np.concatenate([rows, rows + 1]), axis=0)  # [2 (N + 1), w]
+    table = _prefix_sums(table, np.concatenate([cols, cols + 1]), axis=1).astype(np.float64)
+    n = mask_size + 1
+    top = table[:n, :n] * (1 - fx) + table[:n, n:] * fx
+    bottom = table[n:, :n] * (1 - fx) + table[n:, n:] * fx
+    corner = top * (1 - fy[:, None]) + bottom * fy[:, None]  # mask area above-left of each edge point
+    area = corner[1:, 1:] - corner[:-1, 1:] - corner[1:, :-1] + corner[:-1, :-1]
+    cell = (x2 - x1) * (y2 - y1) / (mask_size * mask_size)
+    return np.round(np.clip(area / cell, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def polygons_to_mini_mask(
+    polygons: Sequence[Sequence[float]], box: np.ndarray, mask_size: int, height: float, width: float
+) -> np.ndarray:
+    """Coverage mask (:func:`mini_mask`) of COCO polygons in an image of ``height x width``.
+
+    The polygons are rasterised by pycocotools at full resolution, as ``COCO.annToMask`` (and
+    torchvision) does, but only up to the box's bottom-right corner (pycocotools' rasteriser
+    gives the same pixels on a canvas cut there). ``height``/``width`` may be ``inf`` (unknown).
+    """
+    canvas_h = int(min(height, math.ceil(float(box[3]))))
+    canvas_w = int(min(width, math.ceil(float(box[2]))))
+    if canvas_h <= 0 or canvas_w <= 0:
+        return np.zeros((mask_size, mask_size), np.uint8)
+    rles = mask_utils.frPyObjects([list(map(float, p)) for p in polygons], canvas_h, canvas_w)
+    return mini_mask(mask_utils.decode(mask_utils.merge(rles)), box, mask_size)
 
 
 def _valid_polygons(segmentation: Any) -> List[List[float]]:
@@ -222,14 +261,17 @@ def _check_segmentation_values(segmentation: Any, height: float, width: float) -
                 raise ValueError("a polygon has non-finite coordinates")
 
 
-def annotation_mini_mask(segmentation: Any, box: np.ndarray, mask_size: int) -> Optional[np.ndarray]:
-    """Mini mask ``uint8 [M, M]`` of a COCO ``segmentation`` for ``box``; None if it has none."""
+def annotation_mini_mask(
+    segmentation: Any, box: np.ndarray, mask_size: int, height: float = np.inf, width: float = np.inf
+) -> Optional[np.ndarray]:
+    """Coverage mask ``uint8 [N, N]`` (:func:`mini_mask`) of a COCO ``segmentation`` for ``box``
+    in an image of ``height x width``; None if it has none."""
     if isinstance(segmentation, dict):
-        return sample_mini_mask(_decode_rle(segmentation), box, mask_size)
+        return mini_mask(_decode_rle(segmentation), box, mask_size)
     polygons = _valid_polygons(segmentation or [])
     if not polygons:
         return None
-    return polygons_to_mini_mask(polygons, box, mask_size)
+    return polygons_to_mini_mask(polygons, box, mask_size, height, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +302,7 @@ def _read_annotation_json(annotation_file: str) -> Dict[str, Any]:
 
 
 class CocoSource:
-    """A COCO instances file and its image folder: per-image images and mini-mask targets.
+    """A COCO instances file and its image folder: per-image images and coverage-mask targets.
 
     Keeps the category mapping used for training so evaluation can write category ids back:
     ``category_to_class`` (COCO category id -> contiguous 1-based class), ``class_to_category``
@@ -337,12 +379,12 @@ class CocoSource:
             )
         return image
 
-    def targets(self, image_id: int, mask_size: int = 64) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def targets(self, image_id: int, mask_size: int = MASK_SIZE) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Training targets of one image at its original size.
 
         Returns:
             ``boxes`` float32 ``[n, 4]`` (x1, y1, x2, y2), clipped to the image; ``classes`` int32
-            ``[n]`` (contiguous, 1-based); ``masks`` uint8 ``[n, M, M]`` mini masks. Crowd
+            ``[n]`` (contiguous, 1-based); ``masks`` uint8 ``[n, N, N]`` coverage masks. Crowd
             annotations, zero-area boxes and annotations without segmentation are left out.
         """
         info = self.coco.imgs[image_id]
@@ -358,7 +400,7 @@ class CocoSource:
                     continue
                 segmentation = ann.get("segmentation")
                 _check_segmentation_values(segmentation, height, width)
-                mask = annotation_mini_mask(segmentation, box, mask_size)
+                mask = annotation_mini_mask(segmentation, box, mask_size, height, width)
                 if mask is None:
                     continue
                 if ann.get("category_id") not in self.category_to_class:
@@ -398,7 +440,7 @@ class CocoSource:
             return None
         return box.astype(np.float32)
 
-    def example(self, index: int, mask_size: int = 64) -> Example:
+    def example(self, index: int, mask_size: int = MASK_SIZE) -> Example:
         """``(image, boxes, classes, masks, image_id)`` of ``self.image_ids[index]``."""
         image_id = self.image_ids[index]
         return (self.load_image(image_id), *self.targets(image_id, mask_size), image_id)
@@ -429,7 +471,7 @@ def _truncating(load: Callable[[int], Example], max_instances: Optional[int]) ->
 
 
 def _flip(image: tf.Tensor, boxes: tf.Tensor, masks: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Horizontal flip of an ``[H, W, 3]`` image, its ``[n, 4]`` boxes and ``[n, M, M]`` mini masks."""
+    """Horizontal flip of an ``[H, W, 3]`` image, its ``[n, 4]`` boxes and ``[n, N, N]`` coverage masks."""
     width = tf.cast(tf.shape(image)[1], boxes.dtype)
     x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
     boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
@@ -458,7 +500,7 @@ def build_dataset(
     min_size: Optional[int] = 800,
     max_size: Optional[int] = 1333,
     size_divisible: int = 32,
-    mask_size: int = 64,
+    mask_size: int = MASK_SIZE,
     max_instances: Optional[int] = 100,
     flip_probability: float = 0.5,
     shuffle: Optional[bool] = None,
@@ -470,7 +512,7 @@ def build_dataset(
     """The ``tf.data`` pipeline behind :func:`coco_dataset` for any per-index example loader.
 
     ``load_example(index)`` returns :data:`Example` ``(image uint8 [H, W, 3], boxes float32
-    [n, 4] original pixels, classes int32 [n], masks uint8 [n, M, M], image_id)``; it runs in
+    [n, 4] original pixels, classes int32 [n], masks uint8 [n, N, N], image_id)``; it runs in
     ``tf.numpy_function`` inside a parallel ``map``. Flips are decided by stateless random ops
     seeded from ``Dataset.random(seed)``, so the output is reproducible given ``seed``.
     """
@@ -533,7 +575,7 @@ def coco_dataset(
     min_size: Optional[int] = 800,
     max_size: Optional[int] = 1333,
     size_divisible: int = 32,
-    mask_size: int = 64,
+    mask_size: int = MASK_SIZE,
     max_instances: Optional[int] = 100,
     flip_probability: float = 0.5,
     shuffle: Optional[bool] = None,
@@ -545,12 +587,13 @@ def coco_dataset(
 ) -> tf.data.Dataset:
     """A batched, prefetched ``tf.data.Dataset`` of ``(inputs, targets)`` from a COCO file.
 
-    See the module docstring for the element structure. Images are read and their mini masks
-    rasterised on the fly (PIL and pycocotools in ``tf.numpy_function``; polygons are rasterised
-    at ``M x M`` directly, so this costs well under a millisecond per instance), so nothing is
+    See the module docstring for the element structure. Images are read and their coverage
+    masks computed on the fly (PIL and pycocotools in ``tf.numpy_function``; linear in the box's
+    pixels: about 0.5 ms for a 40-pixel instance, 5 ms for a 600-pixel one here), so nothing is
     precomputed and memory does not grow with the dataset. One batch of 8 images padded to
-    1024 x 1024 with ``max_instances=100`` and ``M=64`` holds 8*1024*1024*3*4 B = 100 MB of
-    float32 images and 8*100*64*64 B = 3.3 MB of masks (plus the ``prefetch`` buffer's batches).
+    1024 x 1024 with ``max_instances=100`` and ``mask_size=128`` holds 8*1024*1024*3*4 B = 100 MB
+    of float32 images and 8*100*128*128 B = 13.1 MB of masks (plus the ``prefetch`` buffer's
+    batches); ``mask_size=64`` would take 3.3 MB, 256 52 MB.
 
     Args:
         annotation_file: COCO instances JSON, or a :class:`CocoSource` (then ``image_dir`` and
@@ -562,7 +605,8 @@ def coco_dataset(
         min_size, max_size: resize rule (torchvision): short side ``min_size`` unless the long
             side would exceed ``max_size``. ``min_size=None`` keeps the original size.
         size_divisible: batch images are zero-padded to a multiple of this.
-        mask_size: mini-mask size ``M``.
+        mask_size: side ``N`` of the coverage masks (the mask targets' error shrinks about as
+            ``1 / N``, see :func:`keras_maskrcnn.targets.mask_targets`; memory grows as ``N^2``).
         max_instances: fixed instance axis ``G`` (extra instances dropped, warned once), or None
             for per-batch padding.
         flip_probability: horizontal flip probability (training only).

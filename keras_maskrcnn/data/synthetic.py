@@ -34,7 +34,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from keras_maskrcnn.data import categories
-from keras_maskrcnn.data.coco import Example, PathLike, build_dataset
+from keras_maskrcnn.data.coco import MASK_SIZE, Example, PathLike, build_dataset, mini_mask
 
 SHAPE_NAMES = ("ellipse", "rectangle", "triangle", "ring", "cross")
 
@@ -61,18 +61,15 @@ class SyntheticImage:
         ids = np.arange(1, len(self.boxes) + 1, dtype=np.int32)
         return self.label_map[None] == ids[:, None, None]
 
-    def mini_masks(self, mask_size: int = 64) -> np.ndarray:
-        """Mini masks uint8 ``[n, M, M]``: the label map sampled at each box's ``M x M`` points."""
-        n = len(self.boxes)
-        h, w = self.label_map.shape
-        centres = (np.arange(mask_size, dtype=np.float64) + 0.5) / mask_size
-        boxes = self.boxes.astype(np.float64)
-        xs = boxes[:, 0:1] + centres[None] * (boxes[:, 2:3] - boxes[:, 0:1])
-        ys = boxes[:, 1:2] + centres[None] * (boxes[:, 3:4] - boxes[:, 1:2])
-        cols = np.clip(np.floor(xs).astype(np.int64), 0, w - 1)
-        rows = np.clip(np.floor(ys).astype(np.int64), 0, h - 1)
-        ids = np.arange(1, n + 1, dtype=np.int32)
-        return (self.label_map[rows[:, :, None], cols[:, None, :]] == ids[:, None, None]).astype(np.uint8)
+    def mini_masks(self, mask_size: int = MASK_SIZE) -> np.ndarray:
+        """Box-relative coverage masks uint8 ``[n, N, N]`` (:func:`~keras_maskrcnn.data.coco.mini_mask`)
+        of the visible masks, computed on each box's window of the label map."""
+        out = np.zeros((len(self.boxes), mask_size, mask_size), np.uint8)
+        for k, box in enumerate(self.boxes):
+            x1, y1, x2, y2 = (int(v) for v in box)  # the masks' extents: whole pixels
+            window = self.label_map[y1:y2, x1:x2] == k + 1
+            out[k] = mini_mask(window, np.array([0, 0, x2 - x1, y2 - y1], np.float64), mask_size)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +266,8 @@ class SyntheticShapes:
         y0, x0 = window[0].start, window[1].start
         return [x0 + cols.min(), y0 + rows.min(), x0 + cols.max() + 1, y0 + rows.max() + 1]
 
-    def example(self, index: int, mask_size: int = 64) -> Example:
-        """``(image, boxes, classes, mini masks, image_id)``; image ids are ``index + 1``."""
+    def example(self, index: int, mask_size: int = MASK_SIZE) -> Example:
+        """``(image, boxes, classes, coverage masks, image_id)``; image ids are ``index + 1``."""
         sample = self.sample(index)
         return sample.image, sample.boxes, sample.classes, sample.mini_masks(mask_size), index + 1
 
@@ -325,7 +322,7 @@ class SyntheticShapes:
         kwargs.setdefault("min_size", None)
         kwargs.setdefault("max_size", None)
         kwargs.setdefault("seed", self.seed)
-        mask_size = kwargs.setdefault("mask_size", 64)
+        mask_size = kwargs.setdefault("mask_size", MASK_SIZE)
         load = functools.partial(self.example, mask_size=mask_size)
         dataset = build_dataset(num_images, load, batch_size=batch_size, training=training, **kwargs)
         dataset.source = self
@@ -339,7 +336,7 @@ def synthetic_dataset(
     training: bool = True,
     num_classes: int = 3,
     max_instances: Optional[int] = 100,
-    mask_size: int = 64,
+    mask_size: int = MASK_SIZE,
     seed: int = 0,
     instances_per_image: Tuple[int, int] = (1, 8),
     min_size: Optional[int] = None,
