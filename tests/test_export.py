@@ -27,6 +27,7 @@ from keras_maskrcnn.export import (
     stock_ops_only,
 )
 from keras_maskrcnn.inference import resized_shape
+from keras_maskrcnn.ops import custom_roi_align
 from keras_maskrcnn.presets import small_model_config
 
 # min_size != max_size so that both branches of the resize rule and non-integer scales are used.
@@ -110,8 +111,9 @@ def exported(tmp_path_factory):
     # Spread the class scores: untrained heads give near-tied scores whose order is fragile.
     kernel = model.box_head.cls_score.kernel
     kernel.assign(rng.normal(0.0, 0.05, kernel.shape).astype(np.float32))
-    # A custom-op switch is forced to the stock path while exporting, and restored afterwards.
-    model.box_roi_align.use_custom_op = True
+    # A custom-op switch is forced to the stock path while exporting, and restored afterwards
+    # (switched on where the compiled op loads: predict_images below runs with it).
+    model.box_roi_align.use_custom_op = custom_roi_align.available()
 
     images = {
         "equal": rng.integers(0, 256, (2, 50, 70, 3)).astype(np.uint8),  # resized to 64 x 89
@@ -124,7 +126,7 @@ def exported(tmp_path_factory):
 
     base = str(tmp / "maskrcnn")
     export_dir = export_saved_model(model, base, full_masks=True)
-    assert model.box_roi_align.use_custom_op is True
+    assert model.box_roi_align.use_custom_op is custom_roi_align.available()
 
     expected = {
         "default": model.predict_images(list(images["equal"]), batch_size=2),
