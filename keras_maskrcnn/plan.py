@@ -30,6 +30,7 @@ import keras
 
 from keras_maskrcnn import presets
 from keras_maskrcnn.precision import resolve_policy
+from keras_maskrcnn.train import build_optimizer, steps_per_epoch_for
 
 TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = 800, 1333
 # Pixels per batch the plan aims at (8 images of 256 x 256), and the batch size range.
@@ -70,8 +71,6 @@ class TrainingPlan:
         return self.epochs * self.steps_per_epoch
 
     def build_optimizer(self) -> keras.optimizers.Optimizer:
-        from keras_maskrcnn.train import build_optimizer
-
         return build_optimizer(
             learning_rate=self.learning_rate,
             optimizer=self.optimizer,
@@ -166,7 +165,7 @@ def plan_training(
     )
     model_name += f", {config['backbone_norm']}, {config['trainable_backbone_layers']} trainable stages"
     batch_size = batch_size or batch_size_for(min_size, max_size)
-    steps = steps_per_epoch or max(1, math.ceil(num_images / batch_size))
+    steps = steps_per_epoch or steps_per_epoch_for(num_images, batch_size)  # full batches, as the pipeline drops the rest
     optimizer = optimizer or ("sgd" if pretrained else "adamw")
     if optimizer == "adamw":
         default_lr = 2e-3 * math.sqrt(batch_size / 8)  # the synthetic benchmark's best, sqrt-scaled

@@ -76,6 +76,12 @@ def test_explicit_choices_win():
     assert plan_training([(600, 600)], 1, 1, False, max_size=400, precision="float32").min_size == 400
 
 
+def test_steps_per_epoch_count_the_full_batches_the_pipeline_keeps():
+    # coco_dataset drops the last partial batch when there is at least one full one.
+    assert plan_training([(256, 256)], 165, 1, False, precision="float32").steps_per_epoch == 20
+    assert plan_training([(256, 256)], 3, 1, False, precision="float32").steps_per_epoch == 1
+
+
 def test_plan_builds_its_optimizer():
     plan = plan_training([(128, 128)], 16, epochs=3, pretrained=False, precision="float32")
     optimizer = plan.build_optimizer()
