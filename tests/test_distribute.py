@@ -470,11 +470,9 @@ def implementation(request):
     """The RoIAlign implementation compared; custom_op only where the compiled op loads."""
     if request.param not in _available_implementations():
         from keras_maskrcnn.ops import custom_roi_align
+        from test_custom_op import _unavailable  # skips, or fails with KERAS_MASKRCNN_REQUIRE_CUSTOM_OP=1
 
-        reason = f"compiled RoIAlign op unavailable: {custom_roi_align.unavailable_reason()}"
-        if os.environ.get("KERAS_MASKRCNN_REQUIRE_CUSTOM_OP") == "1":
-            pytest.fail(f"{reason} (KERAS_MASKRCNN_REQUIRE_CUSTOM_OP=1)")
-        pytest.skip(reason)
+        _unavailable(custom_roi_align.unavailable_reason())
     return request.param
 
 
