@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_maskrcnn.layers.conv import Conv2D
+from keras_maskrcnn.layers.norm import NORMS, FrozenBatchNormalization, conv_norm, make_norm
 
 BLOCKS_PER_STAGE = {
     18: (2, 2, 2, 2),
@@ -39,75 +40,6 @@ _TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
 NUM_FEATURE_MAPS = 4
 
 
-@keras.saving.register_keras_serializable(package="keras_maskrcnn")
-class FrozenBatchNormalization(keras.layers.Layer):
-    """Batch normalisation with fixed statistics and affine parameters.
-
-    The same computation as torchvision's ``FrozenBatchNorm2d``: ``x * scale + shift`` with
-    ``scale = gamma / sqrt(moving_variance + epsilon)`` and ``shift = beta - moving_mean * scale``.
-    All four weights are non-trainable and no statistics are updated, in training or not.
-
-    Args:
-        epsilon: added to the variance; torchvision uses ``1e-5``.
-
-    Call arguments:
-        inputs: ``[..., C]`` tensor. The result has the layer's compute dtype (``bfloat16`` under
-            ``mixed_bfloat16``); ``scale`` and ``shift`` are formed in float32 first.
-
-    Example:
-
-    ```python
-    bn = FrozenBatchNormalization()
-    y = bn(np.ones((1, 4, 4, 8), "float32"))  # [1, 4, 4, 8]; identity until weights are loaded
-    ```
-    """
-
-    def __init__(self, epsilon: float = 1e-5, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = epsilon
-
-    def build(self, input_shape):
-        channels = input_shape[-1]
-        if channels is None:
-            raise ValueError(f"FrozenBatchNormalization needs a known channel dimension, got {input_shape}.")
-
-        def weight(name, init):
-            # autocast=False: keep float32 so scale/shift are computed before rounding to bf16.
-            return self.add_weight(name=name, shape=(channels,), initializer=init, trainable=False, autocast=False)
-
-        self.gamma = weight("gamma", "ones")
-        self.beta = weight("beta", "zeros")
-        self.moving_mean = weight("moving_mean", "zeros")
-        self.moving_variance = weight("moving_variance", "ones")
-
-    def scale_and_shift(self):
-        """float32 ``(scale, shift)`` with ``bn(x) = x * scale + shift``."""
-        scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
-        return scale, self.beta - self.moving_mean * scale
-
-    def call(self, inputs):
-        scale, shift = self.scale_and_shift()
-        return inputs * ops.cast(scale, inputs.dtype) + ops.cast(shift, inputs.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
-
-
-NORMS = ("frozen_bn", "batch_norm")
-
-
-def _norm(name: str, norm: str, dtype=None) -> keras.layers.Layer:
-    """``frozen_bn`` for pretrained weights (torchvision's detection default); ``batch_norm``
-    (trainable, PyTorch's eps and momentum) for training from scratch, as torchvision does when
-    no pretrained weights are given."""
-    if norm == "frozen_bn":
-        return FrozenBatchNormalization(name=name, dtype=dtype)
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name, dtype=dtype)
-
-
 def _conv(filters: int, kernel_size: int, name: str, strides: int = 1, groups: int = 1, dtype=None):
     return Conv2D(
         filters,
@@ -123,47 +55,6 @@ def _conv(filters: int, kernel_size: int, name: str, strides: int = 1, groups: i
         name=name,
         dtype=dtype,
     )
-
-
-def conv_norm(conv: Conv2D, norm: keras.layers.Layer, x, training=None, relu: bool = False, residual=None):
-    """``relu(norm(conv(x)) + residual)``, with the norm folded into the convolution when it is
-    an affine map: always for :class:`FrozenBatchNormalization`, and for ``BatchNormalization`` at
-    inference or when frozen (``trainable=False``). Then oneDNN runs all of it as one fused op.
-
-    A training ``BatchNormalization`` runs as TensorFlow's fused batch norm (one op, in the compute
-    dtype with float32 statistics: several times faster than Keras' float32 elementwise form);
-    like PyTorch, it updates the moving variance with the unbiased batch variance.
-    """
-    is_bn = isinstance(norm, keras.layers.BatchNormalization)
-    if isinstance(norm, FrozenBatchNormalization):
-        scale, shift = norm.scale_and_shift()
-    elif is_bn and not (training and norm.trainable):
-        scale = ops.cast(norm.gamma, "float32") * ops.rsqrt(ops.cast(norm.moving_variance, "float32") + norm.epsilon)
-        shift = ops.cast(norm.beta, "float32") - ops.cast(norm.moving_mean, "float32") * scale
-    else:
-        y = _batch_norm_training(norm, conv(x)) if is_bn else norm(conv(x), training=training)
-        if residual is not None:
-            y = y + tf.cast(residual, y.dtype)
-        return ops.relu(y) if relu else y
-    return conv(x, residual=residual, scale=scale, shift=shift, relu=relu)
-
-
-def _batch_norm_training(norm: keras.layers.BatchNormalization, x):
-    """``norm(x, training=True)`` with batch statistics, as one ``FusedBatchNormV3``."""
-    empty = tf.constant([], tf.float32)
-    y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x,
-        scale=tf.cast(norm.gamma, tf.float32),
-        offset=tf.cast(norm.beta, tf.float32),
-        mean=empty,
-        variance=empty,
-        epsilon=norm.epsilon,
-        is_training=True,
-    )
-    momentum = norm.momentum
-    norm.moving_mean.assign(norm.moving_mean * momentum + mean * (1.0 - momentum))
-    norm.moving_variance.assign(norm.moving_variance * momentum + variance * (1.0 - momentum))
-    return y
 
 
 def _out_size(size, stride: int):
@@ -199,7 +90,7 @@ class _Block(keras.layers.Layer):
             self.downsample_conv = _conv(
                 self.out_channels, 1, f"{self.prefix}_downsample_0", strides=self.strides, dtype=dtype
             )
-            self.downsample_bn = _norm(f"{self.prefix}_downsample_1", self.norm, dtype)
+            self.downsample_bn = make_norm(self.norm, f"{self.prefix}_downsample_1", dtype)
         else:
             self.downsample_conv = self.downsample_bn = None
 
@@ -239,9 +130,9 @@ class _BasicBlock(_Block):
         super().__init__(module_path, planes, strides, **kwargs)
         prefix, dtype = self.prefix, self.dtype_policy
         self.conv1 = _conv(planes, 3, f"{prefix}_conv1", strides=strides, dtype=dtype)
-        self.bn1 = _norm(f"{prefix}_bn1", self.norm, dtype)
+        self.bn1 = make_norm(self.norm, f"{prefix}_bn1", dtype)
         self.conv2 = _conv(planes, 3, f"{prefix}_conv2", dtype=dtype)
-        self.bn2 = _norm(f"{prefix}_bn2", self.norm, dtype)
+        self.bn2 = make_norm(self.norm, f"{prefix}_bn2", dtype)
         self._init_downsample(downsample)
 
     def _build_residual(self, in_channels):
@@ -268,11 +159,11 @@ class _Bottleneck(_Block):
         super().__init__(module_path, planes, strides, **kwargs)
         prefix, dtype = self.prefix, self.dtype_policy
         self.conv1 = _conv(width, 1, f"{prefix}_conv1", dtype=dtype)
-        self.bn1 = _norm(f"{prefix}_bn1", self.norm, dtype)
+        self.bn1 = make_norm(self.norm, f"{prefix}_bn1", dtype)
         self.conv2 = _conv(width, 3, f"{prefix}_conv2", strides=strides, groups=groups, dtype=dtype)
-        self.bn2 = _norm(f"{prefix}_bn2", self.norm, dtype)
+        self.bn2 = make_norm(self.norm, f"{prefix}_bn2", dtype)
         self.conv3 = _conv(self.out_channels, 1, f"{prefix}_conv3", dtype=dtype)
-        self.bn3 = _norm(f"{prefix}_bn3", self.norm, dtype)
+        self.bn3 = make_norm(self.norm, f"{prefix}_bn3", dtype)
         self._init_downsample(downsample)
 
     def _build_residual(self, in_channels):
@@ -376,7 +267,7 @@ class ResNet(keras.layers.Layer):
 
         dtype = self.dtype_policy
         self.conv1 = _conv(64, 7, "conv1", strides=2, dtype=dtype)
-        self.bn1 = _norm("bn1", norm, dtype)
+        self.bn1 = make_norm(norm, "bn1", dtype)
         # PyTorch pads max pooling with -inf; its input is post-ReLU (>= 0) and every 3x3 window
         # holds at least one real pixel, so zero padding gives the same maximum.
         self.maxpool = keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool", dtype=dtype)
