@@ -59,7 +59,7 @@ def main():
 
     keras.utils.set_random_seed(0)
     if args.model:
-        import keras_maskrcnn.train  # noqa: F401  (registers the learning-rate schedule)
+        import keras_maskrcnn.schedules  # noqa: F401  (registers the learning-rate schedule)
 
         model = keras.models.load_model(args.model, compile=False)
     else:

@@ -24,8 +24,7 @@ from keras_maskrcnn.export import export_saved_model
 def load_or_build(path, image_size):
     import keras
 
-    import keras_maskrcnn  # noqa: F401  (registers the model's classes for load_model)
-    import keras_maskrcnn.train  # noqa: F401  (registers the learning-rate schedule)
+    import keras_maskrcnn  # noqa: F401  (registers the model's classes and the learning-rate schedule for load_model)
     from keras_maskrcnn import MaskRCNN
     from keras_maskrcnn.presets import small_model_config
 

@@ -9,7 +9,7 @@ import keras
 
 import keras_maskrcnn  # noqa: F401  (registers the model's classes for load_model)
 from keras_maskrcnn.data import load_image
-from keras_maskrcnn.train import load_label_map
+from keras_maskrcnn.label_maps import load_label_map
 from keras_maskrcnn.visualize import draw_detections, save_png
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

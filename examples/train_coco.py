@@ -10,7 +10,8 @@ import os
 from keras_maskrcnn import MaskRCNN
 from keras_maskrcnn.data import CocoSource, coco_dataset
 from keras_maskrcnn.evaluation import evaluate_coco
-from keras_maskrcnn.train import build_optimizer, train
+from keras_maskrcnn.optimizers import build_optimizer
+from keras_maskrcnn.train import train
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets", "fruits_nuts")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

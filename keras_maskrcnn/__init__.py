@@ -10,7 +10,10 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_maskrcnn.model import MaskRCNN  # noqa: E402
-from keras_maskrcnn import train as _train  # noqa: F401,E402  (registers LinearWarmup, so saved models load)
+# Register the custom objects of saved optimizers (LinearWarmup, FusedAdamW), so that models saved
+# with their optimizer load; small modules, unlike the training loop (which needs pycocotools).
+from keras_maskrcnn import optimizers as _optimizers  # noqa: F401,E402
+from keras_maskrcnn import schedules as _schedules  # noqa: F401,E402
 
 __version__ = "0.1.0"
 __all__ = ["MaskRCNN", "__version__"]

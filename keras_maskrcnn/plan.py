@@ -17,20 +17,27 @@
   (trainable batch norm needs several images per batch): about 256 x 256 x 8 pixels.
 * **Precision**: ``"auto"`` (:mod:`keras_maskrcnn.precision`).
 
-Everything the user sets explicitly wins; :meth:`TrainingPlan.describe` says what was chosen.
+Everything the user sets explicitly wins; :meth:`TrainingPlan.describe` says what was chosen,
+and :meth:`TrainingPlan.build_model`, :meth:`TrainingPlan.build_dataset` and
+:meth:`TrainingPlan.build_optimizer` build it with the library functions the examples call
+(:class:`~keras_maskrcnn.MaskRCNN`, :func:`~keras_maskrcnn.data.coco_dataset`,
+:func:`~keras_maskrcnn.optimizers.build_optimizer`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 
 from keras_maskrcnn import presets
+from keras_maskrcnn.callbacks import EpochTimeEstimate  # noqa: F401  (re-exported: it was defined here)
+from keras_maskrcnn.optimizers import build_optimizer
 from keras_maskrcnn.precision import resolve_policy
-from keras_maskrcnn.train import build_optimizer, steps_per_epoch_for
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = 800, 1333
 # Pixels per batch the plan aims at (8 images of 256 x 256), and the batch size range.
@@ -41,7 +48,7 @@ MAX_AUTO_BATCH = 8
 @dataclasses.dataclass
 class TrainingPlan:
     """What to train and how. ``model_config`` holds :class:`~keras_maskrcnn.MaskRCNN` arguments
-    (``num_classes`` excluded); the optimizer fields are :func:`keras_maskrcnn.train.build_optimizer`'s."""
+    (``num_classes`` excluded); the optimizer fields are :func:`keras_maskrcnn.optimizers.build_optimizer`'s."""
 
     model_name: str
     model_config: Dict[str, Any]
@@ -70,7 +77,40 @@ class TrainingPlan:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    def build_model(self, num_classes: int, backbone_weights: Optional[PathLike] = None) -> keras.Model:
+        """The planned :class:`~keras_maskrcnn.MaskRCNN` for ``num_classes`` classes, its backbone
+        initialised from ``backbone_weights`` (a torchvision ResNet state dict, ``.safetensors`` or
+        ``.npz``, keys plain or under ``backbone.body.``) when given. For distributed training,
+        call it inside ``strategy.scope()``."""
+        from keras_maskrcnn.model import MaskRCNN
+
+        model = MaskRCNN(num_classes=num_classes, **self.model_config)
+        if backbone_weights:
+            from keras_maskrcnn.convert import load_torchvision_resnet, read_state_dict
+
+            state_dict = read_state_dict(os.fspath(backbone_weights))
+            prefix = "backbone.body." if any(k.startswith("backbone.body.") for k in state_dict) else ""
+            load_torchvision_resnet(model.backbone, state_dict, prefix=prefix)
+        return model
+
+    def build_dataset(self, data: Any, model: keras.Model, repeat: bool = False, seed: Optional[int] = None):
+        """The training pipeline of ``data`` (a :class:`~keras_maskrcnn.training_data.TrainingData`)
+        at the planned image size and batch size, with ``model``'s padding and mask size;
+        ``repeat`` for a fixed number of steps per epoch."""
+        return data.dataset(
+            self.batch_size,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            size_divisible=model.size_divisible,
+            mask_size=model.gt_mask_size,
+            repeat=repeat,
+            seed=seed,
+            drop_remainder=data.num_images >= self.batch_size,
+        )
+
     def build_optimizer(self) -> keras.optimizers.Optimizer:
+        """:func:`~keras_maskrcnn.optimizers.build_optimizer` with the planned recipe (warmup of at
+        most one epoch). For distributed training, call it inside ``strategy.scope()``."""
         return build_optimizer(
             learning_rate=self.learning_rate,
             optimizer=self.optimizer,
@@ -109,6 +149,11 @@ def image_size_for(image_sizes: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
     long = max(max(h, w) for h, w in image_sizes)
     min_size = min(short, TORCHVISION_MIN_SIZE)
     return min_size, max(min(long, TORCHVISION_MAX_SIZE), min_size)
+
+
+def steps_per_epoch_for(num_images: int, batch_size: int) -> int:
+    """Full batches in one pass over ``num_images`` images (at least 1)."""
+    return max(num_images // batch_size, 1)
 
 
 def batch_size_for(min_size: int, max_size: int) -> int:
@@ -189,37 +234,6 @@ def plan_training(
         momentum=momentum,
         decay_steps=[e * steps for e in decay_epochs] if decay_epochs else None,
     )
-
-
-class EpochTimeEstimate(keras.callbacks.Callback):
-    """Prints, once, the time of the first step (tracing) and the estimated time per epoch and
-    for the whole run, measured over the ``measure_steps`` steps after the first."""
-
-    def __init__(self, steps_per_epoch: int, epochs: int, measure_steps: int = 5, clock=time.time, print_fn=print):
-        super().__init__()
-        self.steps_per_epoch, self.epochs, self.measure_steps = steps_per_epoch, epochs, max(1, measure_steps)
-        self.clock, self.print_fn = clock, print_fn
-        self.times = []  # start of training, then the end of each step until the estimate
-        self.done = False
-
-    def on_train_begin(self, logs=None):
-        if not self.done:
-            self.times = [self.clock()]
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.done:
-            return
-        self.times.append(self.clock())
-        if len(self.times) == self.measure_steps + 2:
-            self.done = True
-            first = self.times[1] - self.times[0]
-            per_step = (self.times[-1] - self.times[1]) / self.measure_steps
-            epoch = per_step * self.steps_per_epoch
-            self.print_fn(
-                f"\nSpeed: first step {first:.0f} s (tracing), then {per_step:.2f} s per step: about "
-                f"{epoch / 60:.1f} min per epoch, {epoch * self.epochs / 60:.0f} min for {self.epochs} epochs "
-                "(evaluation not counted)"
-            )
 
 
 def coco_image_sizes(source) -> list:
