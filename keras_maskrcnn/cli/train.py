@@ -166,8 +166,10 @@ def _data(args: argparse.Namespace) -> Tuple[Any, Optional[str], Optional[str]]:
     data = synthetic_training_data(args.synthetic, args.synthetic_size, seed=args.seed)
     if args.val_annotations is None and args.synthetic_val > 0:
         directory = os.path.join(args.output, "synthetic_val")
-        annotations, images = synthetic_validation_set(directory, args.synthetic_val, args.synthetic_size, args.seed)
-        return data, annotations, images
+        annotation_file, image_dir = synthetic_validation_set(
+            directory, args.synthetic_val, args.synthetic_size, seed=args.seed
+        )
+        return data, annotation_file, image_dir
     return data, args.val_annotations, args.val_images
 
 
@@ -204,9 +206,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from keras_maskrcnn.train import train
 
     # Fail fast on bad data, with every problem listed (not one crash hours in).
-    for annotations, images in ((args.annotations, args.images), (args.val_annotations, args.val_images)):
-        if annotations is not None:
-            check_dataset(annotations, images)
+    for annotation_file, image_dir in ((args.annotations, args.images), (args.val_annotations, args.val_images)):
+        if annotation_file is not None:
+            check_dataset(annotation_file, image_dir)
 
     keras.utils.set_random_seed(args.seed)
     data, val_annotations, val_images = _data(args)

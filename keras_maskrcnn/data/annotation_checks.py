@@ -202,7 +202,8 @@ def _check_annotation(
 ) -> Optional[int]:
     """Report the problems of ``annotations[index]``; its category id when training learns from it."""
     if not isinstance(ann, dict):
-        report("error", f"annotations[{index}] is not an object", annotation_file, annotation_id=f"annotations[{index}]")
+        label = f"annotations[{index}]"
+        report("error", f"{label} is not an object", annotation_file, annotation_id=label)
         return None
     ann_id = ann.get("id")
     label = ann_id if ann_id is not None else f"annotations[{index}]"
