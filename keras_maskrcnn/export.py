@@ -9,6 +9,9 @@ images and gets detections in the original image's pixels:
 * scale the boxes back to each original image and, with ``full_masks=True``, paste and threshold
   the masks at the original size.
 
+Each of these steps is :mod:`keras_maskrcnn.transform`'s, the same functions ``predict_images``,
+the data pipeline and the model call, traced into the graph.
+
 Two signatures:
 
 ``serving_default``
@@ -24,7 +27,7 @@ Two signatures:
 Both return ``boxes [B, N, 4]`` float32 ``(x1, y1, x2, y2)`` in original pixels, ``scores [B, N]``
 float32, ``classes [B, N]`` int32 (1-based, 0 in padding rows), ``num_detections [B]`` int32 and
 ``masks [B, N, 28, 28]`` float32 box-relative mask probabilities (paste them with
-:func:`keras_maskrcnn.ops.paste_masks.paste_masks` or torchvision's ``paste_masks_in_image``);
+:func:`keras_maskrcnn.transform.paste_masks_in_image` or torchvision's ``paste_masks_in_image``);
 ``N = detections_per_image``, rows past ``num_detections`` are zero. With ``full_masks=True`` at
 export time they also return ``full_masks [B, N, H, W]`` uint8 0/1 (probability
 ``> mask_threshold``) at the original size; for ``serving_bytes`` ``H, W`` are the largest
@@ -47,7 +50,8 @@ from typing import Dict, Iterator, List, Optional, Union
 
 import tensorflow as tf
 
-from keras_maskrcnn.ops.paste_masks import paste_masks
+from keras_maskrcnn import transform
+from keras_maskrcnn.transform import resized_sizes  # noqa: F401  (public here before transform existed)
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
@@ -89,22 +93,6 @@ def latest_version_dir(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- graph pieces
-def resized_sizes(sizes: tf.Tensor, min_size: int, max_size: int) -> tf.Tensor:
-    """In-graph :func:`keras_maskrcnn.inference.resized_shape`: ``[..., 2]`` int (height, width)
-    to the resized ``[..., 2]`` int32, computed in float64 like the Python rule (bit-identical)."""
-    sizes = tf.cast(sizes, tf.float64)
-    scale = tf.minimum(
-        tf.constant(float(min_size), tf.float64) / tf.reduce_min(sizes, axis=-1),
-        tf.constant(float(max_size), tf.float64) / tf.reduce_max(sizes, axis=-1),
-    )
-    return tf.cast(tf.floor(sizes * scale[..., None]), tf.int32)
-
-
-def _resize(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """The resize of ``predict_images``: float32, bilinear, half-pixel centres, no antialias."""
-    return tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=False)
-
-
 def _require_images(tensor: tf.Tensor, name: str) -> tf.Tensor:
     """``tensor`` after checking (InvalidArgumentError) that its batch is not empty."""
     check = tf.debugging.assert_positive(tf.size(tensor), message=f"{name}: the request holds no image (or an empty one)")
@@ -130,20 +118,17 @@ def _decode_resize_pad(image_bytes: tf.Tensor, min_size: int, max_size: int):
         image = tf.io.decode_image(image_bytes[i], channels=3, dtype=tf.uint8, expand_animations=False)
         image.set_shape([None, None, 3])
         size = tf.shape(image)[:2]
-        resized = _resize(image[None], resized_sizes(size, min_size, max_size))[0]
+        resized = transform.resize_images(image, transform.resized_sizes(size, min_size, max_size))
         return i + 1, images.write(i, resized), original.write(i, size)
 
     _, images, original = tf.while_loop(lambda i, *_: i < n, decode, (tf.constant(0), images, original))
     original = original.stack()
-    resized = resized_sizes(original, min_size, max_size)
+    resized = transform.resized_sizes(original, min_size, max_size)
     max_hw = tf.reduce_max(resized, axis=0)
     padded = tf.TensorArray(tf.float32, size=n, infer_shape=False, element_shape=tf.TensorShape([None, None, 3]))
 
     def pad(i, padded):
-        image = images.read(i)
-        shape = tf.shape(image)
-        image = tf.pad(image, [[0, max_hw[0] - shape[0]], [0, max_hw[1] - shape[1]], [0, 0]])
-        return i + 1, padded.write(i, image)
+        return i + 1, padded.write(i, transform.pad_to_size(images.read(i), max_hw))
 
     _, padded = tf.while_loop(lambda i, *_: i < n, pad, (tf.constant(0), padded))
     batch = padded.stack()
@@ -154,10 +139,7 @@ def _decode_resize_pad(image_bytes: tf.Tensor, min_size: int, max_size: int):
 def _detect(model, batch, resized, original, full_masks: bool) -> Dict[str, tf.Tensor]:
     """Run ``model`` on a resized, padded ``batch`` and map the results to the original sizes."""
     out = model({"images": batch, "image_sizes": resized}, training=False, mask_output="box")
-    # predict_images: ratio = float32(orig / resized) in float64, (w, h, w, h).
-    ratio = tf.cast(tf.cast(original, tf.float64) / tf.cast(resized, tf.float64), tf.float32)
-    ratio = tf.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], axis=-1)[:, None, :]
-    boxes = tf.cast(out["boxes"], tf.float32) * ratio
+    boxes = transform.boxes_to_original(out["boxes"], resized, original)
     result = {
         "boxes": tf.identity(boxes),
         "scores": tf.cast(out["scores"], tf.float32),
@@ -168,13 +150,13 @@ def _detect(model, batch, resized, original, full_masks: bool) -> Dict[str, tf.T
     if full_masks:
         height = tf.reduce_max(original[:, 0])
         width = tf.reduce_max(original[:, 1])
-        pasted = paste_masks(result["masks"], boxes, height, width)  # [B, N, H, W]
-        num = tf.shape(boxes)[1]
-        rows = tf.range(num)[None, :] < result["num_detections"][:, None]  # [B, N]
-        inside_y = tf.range(height)[None, :] < original[:, 0:1]  # [B, H]
-        inside_x = tf.range(width)[None, :] < original[:, 1:2]  # [B, W]
-        keep = rows[:, :, None, None] & inside_y[:, None, :, None] & inside_x[:, None, None, :]
-        result["full_masks"] = tf.cast(keep & (pasted > model.mask_threshold), tf.uint8)
+        # One canvas for the batch: each image's masks are zero outside its own original size.
+        full = transform.paste_masks_in_image(
+            result["masks"], boxes, height, width, threshold=model.mask_threshold, image_sizes=original
+        )  # [B, N, H, W] uint8
+        # Rows past num_detections hold zero masks, which paste as 0 only for a threshold >= 0.
+        rows = tf.range(tf.shape(boxes)[1])[None, :] < result["num_detections"][:, None]  # [B, N]
+        result["full_masks"] = tf.where(rows[:, :, None, None], full, tf.zeros_like(full))
     return result
 
 
@@ -274,9 +256,9 @@ def export_saved_model(
         images = _require_images(images, "images")
         shape = tf.shape(images)
         original = tf.tile(shape[None, 1:3], [shape[0], 1])
-        resized = resized_sizes(original, min_size, max_size)
+        resized = transform.resized_sizes(original, min_size, max_size)
         # One size for the whole batch: one batched resize (per pixel the same as per image).
-        batch = _resize(images, resized_sizes(shape[1:3], min_size, max_size))
+        batch = transform.resize_images(images, transform.resized_sizes(shape[1:3], min_size, max_size))
         return _detect(model, batch, resized, original, full_masks)
 
     def serve_bytes(image_bytes):

@@ -1,19 +1,19 @@
-"""Inference on a list of images of different sizes: resize, batch, run, map back."""
+"""Inference on images of any sizes: resize, batch, run, map the results back to each image.
+
+The geometry (resize rule, resampling, padding, mapping boxes back, pasting masks) is
+:mod:`keras_maskrcnn.transform`'s; this module only batches and runs the model.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from keras_maskrcnn.ops.paste_masks import paste_masks
+from keras_maskrcnn import transform
+from keras_maskrcnn.transform import resized_shape  # noqa: F401  (public here before transform existed)
 
-
-def resized_shape(height: int, width: int, min_size: int, max_size: int):
-    """torchvision's rule: scale so the short side is ``min_size`` unless the long side would pass
-    ``max_size``; new size ``floor(side * scale)``. Returns ``(new_height, new_width)``."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return int(np.floor(height * scale)), int(np.floor(width * scale))
+Prediction = Dict[str, np.ndarray]
 
 
 def _as_rgb_array(image, index: int) -> np.ndarray:
@@ -24,6 +24,7 @@ def _as_rgb_array(image, index: int) -> np.ndarray:
 
 
 def _detect_fn(model):
+    """The model's forward pass with box-relative masks, traced once per model (cached on it)."""
     fn = getattr(model, "_predict_images_fn", None)
     if fn is None:
 
@@ -36,40 +37,46 @@ def _detect_fn(model):
 
 
 @tf.function(reduce_retracing=True)
-def _paste(masks, boxes, height, width):
-    return paste_masks(masks, boxes, height, width)
+def _paste(masks, boxes, height, width, threshold):
+    # Not XLA (the model's jit_compile_masks): images of many sizes would each compile anew.
+    return transform.paste_masks_in_image(masks, boxes, height, width, threshold=threshold)
 
 
-def predict_images(model, images: Sequence[np.ndarray], batch_size: int = 2) -> List[Dict[str, np.ndarray]]:
+def _resize_and_pad(model, arrays: Sequence[np.ndarray]) -> Tuple[tf.Tensor, tf.Tensor, np.ndarray]:
+    """One batch: ``[B, h_max, w_max, 3]`` float32 resized images padded at the bottom/right,
+    their resized sizes ``[B, 2]`` int32 and original sizes ``[B, 2]`` int32 (height, width)."""
+    originals = np.array([array.shape[:2] for array in arrays], np.int32)
+    sizes = transform.resized_sizes(originals, model.min_size, model.max_size)
+    common = tf.reduce_max(sizes, axis=0)
+    batch = [transform.pad_to_size(transform.resize_images(a, size), common) for a, size in zip(arrays, sizes)]
+    return tf.stack(batch), sizes, originals
+
+
+def _to_original(model, out: Mapping[str, tf.Tensor], image_sizes, original_sizes) -> List[Prediction]:
+    """Per-image results of one batch of ``model`` outputs (``mask_output="box"``), mapped from
+    resized pixels (``image_sizes [B, 2]``) to original ones (``original_sizes [B, 2]``): boxes
+    scaled and masks pasted at each original size (uint8 0/1, or float32 probabilities when the
+    model's ``mask_output`` is ``"probability"``)."""
+    boxes = transform.boxes_to_original(out["boxes"], image_sizes, original_sizes).numpy()
+    out = {k: v.numpy() for k, v in out.items()}
+    threshold = None if model.mask_output == "probability" else model.mask_threshold
+    results = []
+    for i, (height, width) in enumerate(np.asarray(original_sizes)):
+        n = int(out["num_detections"][i])
+        masks = _paste(out["masks"][i, :n], boxes[i, :n], int(height), int(width), threshold)
+        results.append(
+            {"boxes": boxes[i, :n], "scores": out["scores"][i, :n], "classes": out["classes"][i, :n], "masks": masks.numpy()}
+        )
+    return results
+
+
+def predict_images(model, images: Sequence[np.ndarray], batch_size: int = 2) -> List[Prediction]:
     """See :meth:`keras_maskrcnn.MaskRCNN.predict_images`."""
     arrays = [_as_rgb_array(image, i) for i, image in enumerate(images)]
-    results: List[Dict[str, np.ndarray]] = []
     detect = _detect_fn(model)
+    results: List[Prediction] = []
     for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start : start + batch_size]
-        sizes = [resized_shape(a.shape[0], a.shape[1], model.min_size, model.max_size) for a in chunk]
-        batch_h = max(s[0] for s in sizes)
-        batch_w = max(s[1] for s in sizes)
-        batch = np.zeros([len(chunk), batch_h, batch_w, 3], np.float32)
-        for i, (array, (h, w)) in enumerate(zip(chunk, sizes)):
-            resized = tf.image.resize(tf.cast(array, tf.float32)[None], (h, w), method="bilinear", antialias=False)
-            batch[i, :h, :w] = resized[0].numpy()
-        out = detect(tf.constant(batch), tf.constant(sizes, tf.int32))
-        out = {k: v.numpy() for k, v in out.items()}
-        for i, (array, (h, w)) in enumerate(zip(chunk, sizes)):
-            n = int(out["num_detections"][i])
-            orig_h, orig_w = array.shape[:2]
-            ratio = np.array([orig_w / w, orig_h / h, orig_w / w, orig_h / h], np.float32)
-            boxes = out["boxes"][i, :n] * ratio
-            masks = _paste(out["masks"][i, :n], boxes, orig_h, orig_w).numpy()
-            if model.mask_output != "probability":
-                masks = (masks > model.mask_threshold).astype(np.uint8)
-            results.append(
-                {
-                    "boxes": boxes.astype(np.float32),
-                    "scores": out["scores"][i, :n],
-                    "classes": out["classes"][i, :n],
-                    "masks": masks,
-                }
-            )
+        batch, sizes, originals = _resize_and_pad(model, arrays[start : start + batch_size])
+        results.extend(_to_original(model, detect(batch, sizes), sizes, originals))
     return results
+

@@ -20,7 +20,7 @@ from keras_maskrcnn.layers.rpn import RPNHead
 from keras_maskrcnn import losses as loss_fns
 from keras_maskrcnn import precision
 from keras_maskrcnn import targets as target_fns
-from keras_maskrcnn.ops.paste_masks import paste_masks, paste_masks_binary
+from keras_maskrcnn import transform
 
 MASK_FORMATS = ("binary", "probability", "box")
 LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
@@ -238,21 +238,9 @@ class MaskRCNN(keras.Model):
         return images, tf.cast(image_sizes, tf.int32)
 
     def _normalize_and_pad(self, images: tf.Tensor, image_sizes: tf.Tensor) -> tf.Tensor:
-        """Normalise, zero everything outside each image's valid region, pad to ``size_divisible``.
-
-        As torchvision, padding is 0 *after* normalisation, so an image's features do not depend
-        on the size of the others in its batch.
-        """
-        x = tf.cast(images, tf.float32) / 255.0
-        x = (x - tf.constant(self.image_mean)) / tf.constant(self.image_std)
-        shape = tf.shape(x)
-        rows = tf.range(shape[1])[None, :] < image_sizes[:, 0:1]
-        cols = tf.range(shape[2])[None, :] < image_sizes[:, 1:2]
-        x = tf.where(tf.logical_and(rows[:, :, None], cols[:, None, :])[..., None], x, 0.0)
-        d = self.size_divisible
-        pad_h = (d - shape[1] % d) % d
-        pad_w = (d - shape[2] % d) % d
-        return tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        """Normalise, zero everything outside each image's valid region, pad to ``size_divisible``
+        (:func:`keras_maskrcnn.transform.normalize_and_pad`; padding is 0 *after* normalisation)."""
+        return transform.normalize_and_pad(images, image_sizes, self.image_mean, self.image_std, self.size_divisible)
 
     def _features(self, images: tf.Tensor, training: bool, image_sizes: tf.Tensor):
         x = self._normalize_and_pad(images, image_sizes)
@@ -288,10 +276,9 @@ class MaskRCNN(keras.Model):
         masks = tf.where(row_valid[..., None, None], masks, 0.0)  # a zero mask pastes as zeros
         if mask_output == "box":
             return masks
-        if mask_output == "probability":
-            return paste_masks(masks, detections["boxes"], height, width)
-        return paste_masks_binary(
-            masks, detections["boxes"], height, width, self.mask_threshold, jit_compile=self.jit_compile_masks
+        threshold = None if mask_output == "probability" else self.mask_threshold
+        return transform.paste_masks_in_image(
+            masks, detections["boxes"], height, width, threshold=threshold, jit_compile=self.jit_compile_masks
         )
 
     # ----------------------------------------------------------------------------- training
