@@ -34,7 +34,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from keras_maskrcnn.data import categories
-from keras_maskrcnn.data.coco import MASK_SIZE, Example, PathLike, build_dataset, mini_mask
+from keras_maskrcnn.data.loading import PathLike
+from keras_maskrcnn.data.masks import MASK_SIZE, mini_mask
+from keras_maskrcnn.data.pipeline import Example, build_dataset
 
 SHAPE_NAMES = ("ellipse", "rectangle", "triangle", "ring", "cross")
 

@@ -1,0 +1,134 @@
+"""The ``tf.data`` pipeline shared by the COCO and the synthetic datasets.
+
+:func:`build_dataset` turns any per-index example loader into batches of the element structure
+documented in :mod:`keras_maskrcnn.data.coco`: it loads in parallel, flips (training), resizes
+and pads with :mod:`keras_maskrcnn.transform` (the same rules as the model, ``predict_images``
+and export), pads the instance axis and batches.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from keras_maskrcnn import transform
+from keras_maskrcnn.data.masks import MASK_SIZE
+
+logger = logging.getLogger(__name__)
+
+# What a loader returns for one dataset index: (image uint8 [H, W, 3], boxes float32 [n, 4]
+# (x1, y1, x2, y2) in original pixels, classes int32 [n], coverage masks uint8 [n, N, N], image id).
+Example = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _truncating(load: Callable[[int], Example], max_instances: Optional[int]) -> Callable[[int], Example]:
+    """Wrap ``load`` to keep at most ``max_instances`` instances, warning once when it drops."""
+    warned = []
+
+    def wrapped(index: int) -> Example:
+        image, boxes, classes, masks, image_id = load(index)
+        if max_instances is not None and len(boxes) > max_instances:
+            if not warned:
+                warned.append(True)
+                logger.warning(
+                    "Image %s has %d instances; keeping the first max_instances=%d (warned once).",
+                    image_id, len(boxes), max_instances,
+                )
+            boxes, classes, masks = boxes[:max_instances], classes[:max_instances], masks[:max_instances]
+        return image, boxes, classes, masks, image_id
+
+    return wrapped
+
+
+def _flip(image: tf.Tensor, boxes: tf.Tensor, masks: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Horizontal flip of an ``[H, W, 3]`` image, its ``[n, 4]`` boxes and ``[n, N, N]`` coverage masks."""
+    width = tf.cast(tf.shape(image)[1], boxes.dtype)
+    x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
+    boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
+    return tf.reverse(image, [1]), boxes, tf.reverse(masks, [2])
+
+
+def _pad_instances(tensor: tf.Tensor, count: int) -> tf.Tensor:
+    """Zero-pad the leading (instance) axis of ``tensor`` to exactly ``count`` rows."""
+    rank = tensor.shape.rank
+    paddings = [[0, count - tf.shape(tensor)[0]]] + [[0, 0]] * (rank - 1)
+    padded = tf.pad(tensor, paddings)
+    return tf.ensure_shape(padded, [count] + tensor.shape[1:].as_list())
+
+
+def build_dataset(
+    num_examples: int,
+    load_example: Callable[[int], Example],
+    batch_size: int,
+    training: bool,
+    min_size: Optional[int] = transform.MIN_SIZE,
+    max_size: Optional[int] = transform.MAX_SIZE,
+    size_divisible: int = transform.SIZE_DIVISIBLE,
+    mask_size: int = MASK_SIZE,
+    max_instances: Optional[int] = 100,
+    flip_probability: float = 0.5,
+    shuffle: Optional[bool] = None,
+    repeat: bool = False,
+    seed: Optional[int] = None,
+    num_parallel_calls: int = tf.data.AUTOTUNE,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """The ``tf.data`` pipeline behind :func:`~keras_maskrcnn.data.coco.coco_dataset` for any
+    per-index example loader (arguments as there).
+
+    ``load_example(index)`` returns :data:`Example` ``(image uint8 [H, W, 3], boxes float32
+    [n, 4] original pixels, classes int32 [n], masks uint8 [n, N, N], image_id)``; it runs in
+    ``tf.numpy_function`` inside a parallel ``map``. Flips are decided by stateless random ops
+    seeded from ``Dataset.random(seed)``, so the output is reproducible given ``seed``.
+    """
+    if shuffle is None:
+        shuffle = training
+    load = _truncating(load_example, max_instances)
+
+    def load_numpy(index):
+        image, boxes, classes, masks, image_id = load(int(index))
+        return (
+            np.asarray(image, np.uint8),
+            np.asarray(boxes, np.float32).reshape(-1, 4),
+            np.asarray(classes, np.int32).reshape(-1),
+            np.asarray(masks, np.uint8).reshape(-1, mask_size, mask_size),
+            np.int64(image_id),
+        )
+
+    def prepare(index, random_seed):
+        image, boxes, classes, masks, image_id = tf.numpy_function(
+            load_numpy, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False
+        )
+        image = tf.ensure_shape(image, [None, None, 3])
+        boxes = tf.ensure_shape(boxes, [None, 4])
+        classes = tf.ensure_shape(classes, [None])
+        masks = tf.ensure_shape(masks, [None, mask_size, mask_size])
+        image_id = tf.ensure_shape(image_id, [])
+        original_size = tf.shape(image)[:2]
+        if training and flip_probability > 0:
+            seed_pair = tf.stack([random_seed, tf.constant(0, tf.int64)])
+            flip = tf.random.stateless_uniform([], seed=seed_pair) < flip_probability
+            image, boxes, masks = tf.cond(
+                flip, lambda: _flip(image, boxes, masks), lambda: (image, boxes, masks)
+            )
+        image, scale = transform.resize_image(image, min_size, max_size)
+        boxes = transform.boxes_to_resized(boxes, scale)
+        inputs = {"images": transform.pad_to_multiple(image, size_divisible), "image_sizes": tf.shape(image)[:2]}
+        if not training:
+            inputs.update(image_ids=image_id, original_sizes=original_size, scales=scale)
+        if max_instances is not None:
+            boxes, classes, masks = (_pad_instances(t, max_instances) for t in (boxes, classes, masks))
+        return inputs, {"boxes": boxes, "classes": classes, "masks": masks}
+
+    dataset = tf.data.Dataset.range(num_examples)
+    if shuffle:
+        dataset = dataset.shuffle(max(num_examples, 1), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    dataset = tf.data.Dataset.zip((dataset, randoms))
+    dataset = dataset.map(prepare, num_parallel_calls=num_parallel_calls)
+    dataset = dataset.padded_batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
