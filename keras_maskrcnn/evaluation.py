@@ -14,13 +14,22 @@ As in pycocotools, a number is ``-1`` where no ground truth falls in its area ra
 Mask AP uses mask areas for the small/medium/large split (the box is left out of the mask
 results, as torchvision and detectron2 do).
 
-The model is any object with ``predict_images(images, batch_size) -> list[dict]`` returning, per
-image, numpy ``boxes [n, 4]`` (x1, y1, x2, y2 in original pixels), ``scores [n]``, contiguous
-1-based ``classes [n]`` and binary ``masks [n, h, w]`` at the original image size.
+A :class:`~keras_maskrcnn.MaskRCNN` is evaluated on the data pipeline
+(:func:`keras_maskrcnn.data.pipeline.build_dataset` with ``training=False``: the training
+reader, resize and padding, and the eval-only ``image_ids`` / ``original_sizes`` keys, no
+targets computed) and its own post-processing (:func:`keras_maskrcnn.inference.predict_batch`:
+boxes mapped back and masks pasted by :mod:`keras_maskrcnn.transform`): the model gets the same
+input tensors as from ``predict_images`` on the same images in the same batches, so the results
+are the same, bit for bit. Any other model is an
+object with ``predict_images(images, batch_size) -> list[dict]`` returning, per image, numpy
+``boxes [n, 4]`` (x1, y1, x2, y2 in original pixels), ``scores [n]``, contiguous 1-based
+``classes [n]`` and binary ``masks [n, h, w]`` at the original image size; it gets the images
+as :func:`keras_maskrcnn.data.load_image` reads them.
 
-Memory: images are read and predicted ``batch_size`` at a time and every mask is encoded to
-compressed RLE straight away, so full-size masks of the whole set are never held at once;
-only the (small) RLE results list grows with the number of images.
+Memory: images are read and predicted ``batch_size`` at a time (plus the pipeline's prefetched
+batches) and every mask is encoded to compressed RLE straight away, so full-size masks of the
+whole set are never held at once; only the (small) RLE results list grows with the number of
+images.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import contextlib
 import io
 import json
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -38,8 +47,11 @@ from pycocotools.cocoeval import COCOeval
 
 import keras
 from keras_maskrcnn import boxes as box_ops
+from keras_maskrcnn import inference
 from keras_maskrcnn.data import categories
-from keras_maskrcnn.data.coco import load_image  # the pipeline's reader: same pixels as in training
+from keras_maskrcnn.data.loading import load_image  # the pipeline's reader: same pixels as in training
+from keras_maskrcnn.data.pipeline import build_dataset
+from keras_maskrcnn.model import MaskRCNN
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
@@ -178,9 +190,55 @@ def coco_metrics(
     return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
 
 
-def _batches(ids: Sequence[int], batch_size: int) -> Iterator[Sequence[int]]:
+# (image id, original (height, width), prediction dict) of one evaluated image.
+ImagePrediction = Tuple[int, Tuple[int, int], Mapping[str, Any]]
+
+
+def _image_paths(coco_gt: COCO, image_dir: PathLike, ids: Sequence[int]) -> List[str]:
+    return [os.path.join(image_dir, coco_gt.imgs[i]["file_name"]) for i in ids]
+
+
+def _pipeline_predictions(
+    model: MaskRCNN, coco_gt: COCO, image_dir: PathLike, ids: Sequence[int], batch_size: int
+) -> Iterator[ImagePrediction]:
+    """A MaskRCNN's predictions, batch by batch of the evaluation data pipeline."""
+    paths = _image_paths(coco_gt, image_dir, ids)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:  # checked here: inside tf.data the error would lose its type
+        raise FileNotFoundError(f"{len(missing)} image file(s) not found, e.g. {missing[:5]}")
+    # Evaluation needs no targets: the loader gives none, so no coverage masks are computed.
+    no_targets = (np.zeros((0, 4), np.float32), np.zeros((0,), np.int32), np.zeros((0, 1, 1), np.uint8))
+    dataset = build_dataset(
+        len(ids),
+        lambda index: (load_image(paths[index]), *no_targets, ids[index]),
+        batch_size=batch_size,
+        training=False,
+        min_size=model.min_size,
+        max_size=model.max_size,
+        size_divisible=model.size_divisible,
+        mask_size=1,
+        max_instances=None,
+        shuffle=False,
+    )
+    for inputs, _ in dataset:
+        predictions = inference.predict_batch(model, inputs)
+        sizes = inputs["original_sizes"].numpy()
+        for image_id, size, prediction in zip(inputs["image_ids"].numpy(), sizes, predictions):
+            yield int(image_id), (int(size[0]), int(size[1])), prediction
+
+
+def _predict_images_predictions(
+    model: Any, coco_gt: COCO, image_dir: PathLike, ids: Sequence[int], batch_size: int
+) -> Iterator[ImagePrediction]:
+    """Predictions of any object with ``predict_images``, on images read ``batch_size`` at a time."""
+    paths = _image_paths(coco_gt, image_dir, ids)
     for start in range(0, len(ids), batch_size):
-        yield ids[start : start + batch_size]
+        images = [load_image(path) for path in paths[start : start + batch_size]]
+        predictions = model.predict_images(images, batch_size=batch_size)
+        if len(predictions) != len(images):
+            raise ValueError(f"predict_images returned {len(predictions)} results for {len(images)} images.")
+        for image_id, image, prediction in zip(ids[start : start + batch_size], images, predictions):
+            yield image_id, image.shape[:2], prediction
 
 
 def evaluate_coco(
@@ -196,10 +254,11 @@ def evaluate_coco(
     """Predict on the images of a COCO annotation file and compute box and mask COCO metrics.
 
     Args:
-        model: anything with ``predict_images(images, batch_size=...) -> list[dict]``.
+        model: a :class:`~keras_maskrcnn.MaskRCNN` (run on the data pipeline), or anything with
+            ``predict_images(images, batch_size=...) -> list[dict]`` (see the module docstring).
         annotation_file: COCO annotation JSON path (or a loaded ``COCO`` object).
         image_dir: directory that the images' ``file_name`` entries are relative to.
-        batch_size: images read and passed to ``predict_images`` per call.
+        batch_size: images per model call (and per ``predict_images`` call).
         image_ids: images to evaluate, in this order; default: all, sorted by id.
         max_images: evaluate only the first ``max_images`` of those.
         results_file: where to write the results JSON, if given.
@@ -220,20 +279,14 @@ def evaluate_coco(
     if max_images is not None:
         ids = ids[:max_images]
 
+    predict = _pipeline_predictions if isinstance(model, MaskRCNN) else _predict_images_predictions
     results: List[Dict[str, Any]] = []
-    for batch_ids in _batches(ids, batch_size):
-        images = [load_image(os.path.join(image_dir, coco_gt.imgs[i]["file_name"])) for i in batch_ids]
-        predictions = model.predict_images(images, batch_size=batch_size)
-        if len(predictions) != len(images):
-            raise ValueError(f"predict_images returned {len(predictions)} results for {len(images)} images.")
-        for image_id, image, prediction in zip(batch_ids, images, predictions):
-            masks = np.asarray(prediction["masks"])
-            if masks.ndim == 3 and masks.shape[0] and masks.shape[1:] != image.shape[:2]:
-                raise ValueError(
-                    f"Image {image_id}: masks are {masks.shape[1:]} but the image is {image.shape[:2]}."
-                )
-            results.extend(predictions_to_coco_results(image_id, prediction, class_to_category))
-        del images, predictions  # masks of this batch are now RLE only
+    for image_id, size, prediction in predict(model, coco_gt, image_dir, ids, batch_size):
+        masks = np.asarray(prediction["masks"])
+        if masks.ndim == 3 and masks.shape[0] and masks.shape[1:] != tuple(size):
+            raise ValueError(f"Image {image_id}: masks are {masks.shape[1:]} but the image is {tuple(size)}.")
+        # Masks are RLE from here on: full-size masks never outlive their batch.
+        results.extend(predictions_to_coco_results(image_id, prediction, class_to_category))
 
     if results_file is not None:
         write_coco_results(results, results_file)
@@ -268,7 +321,8 @@ class CocoEvaluationCallback(keras.callbacks.Callback):
     callback *before* any ``TensorBoard``, ``ModelCheckpoint``, ``EarlyStopping`` or ``CSVLogger``
     that should see these keys. ``History`` is appended last by Keras when not given explicitly.
 
-    The model must provide ``predict_images`` (see :func:`evaluate_coco`).
+    The model is a :class:`~keras_maskrcnn.MaskRCNN` or provides ``predict_images`` (see
+    :func:`evaluate_coco`).
     """
 
     def __init__(

@@ -215,6 +215,32 @@ def test_predictions_to_coco_results_rle_round_trip():
         evaluation.predictions_to_coco_results(1, dict(prediction, classes=np.array([1, 4, 2])), {1: 3, 2: 7, 3: 12})
 
 
+def test_maskrcnn_runs_on_the_data_pipeline_with_predict_images_results(coco_set, tmp_path):
+    """A MaskRCNN is evaluated on the data pipeline and its own post-processing; the results are
+    predict_images' on the same images in the same batches, bit for bit."""
+    from keras_maskrcnn import MaskRCNN
+    from keras_maskrcnn.presets import small_model_config
+
+    keras.utils.set_random_seed(0)
+    config = dict(small_model_config(64), min_size=48, max_size=64, detections_per_image=10)
+    model = MaskRCNN(num_classes=len(CATEGORY_IDS), **config)
+    model.build()
+
+    class ThroughPredictImages:  # not a MaskRCNN: evaluated through predict_images
+        def predict_images(self, images, batch_size=2):
+            return model.predict_images(images, batch_size=batch_size)
+
+    paths = [tmp_path / "pipeline.json", tmp_path / "predict_images.json"]
+    metrics = [
+        evaluation.evaluate_coco(candidate, *coco_set, batch_size=2, results_file=path)
+        for candidate, path in zip((model, ThroughPredictImages()), paths)
+    ]
+    results = [json.loads(path.read_text()) for path in paths]
+    assert len(results[0]) > 0
+    assert results[0] == results[1]
+    assert metrics[0] == metrics[1]
+
+
 def test_missing_image_names_the_file(coco_set, tmp_path):
     with pytest.raises(OSError, match="a.png"):
         evaluation.evaluate_coco(EmptyModel(), coco_set[0], str(tmp_path))
