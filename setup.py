@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="keras_maskrcnn",
-    version="0.1.0",
+    version="0.2.0",
     description="Mask R-CNN for Keras 3 on TensorFlow: exact RoIAlign, model.fit training, COCO evaluation",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

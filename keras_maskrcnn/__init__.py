@@ -15,5 +15,5 @@ from keras_maskrcnn.model import MaskRCNN  # noqa: E402
 from keras_maskrcnn import optimizers as _optimizers  # noqa: F401,E402
 from keras_maskrcnn import schedules as _schedules  # noqa: F401,E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["MaskRCNN", "__version__"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
 # torchvision's bound on exp(dw), exp(dh) when decoding: boxes at most 1000/16 times the anchor.
@@ -120,3 +121,45 @@ def coco_to_xyxy(bbox: tf.Tensor) -> tf.Tensor:
 def xyxy_to_coco(boxes: tf.Tensor) -> tf.Tensor:
     """``(x1, y1, x2, y2)`` to COCO ``[x, y, w, h]``."""
     return tf.concat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_maskrcnn")
+class BoxCoder:
+    """Encodes boxes as ``(dx, dy, dw, dh)`` deltas from reference boxes and decodes them back
+    (torchvision's ``BoxCoder``), with its per-coordinate ``weights`` and the ``clip`` on ``dw``, ``dh``.
+
+    The RPN uses weights ``(1, 1, 1, 1)``, the RoI heads ``(10, 10, 5, 5)``. Serialisable with
+    ``keras.saving.serialize_keras_object``.
+
+    Example:
+        >>> coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        >>> deltas = coder.encode(boxes, proposals)  # both [..., 4] (x1, y1, x2, y2)
+        >>> coder.decode(deltas, proposals)  # == boxes
+    """
+
+    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), clip: float = BBOX_XFORM_CLIP):
+        if len(weights) != 4:
+            raise ValueError(f"BoxCoder weights must be four numbers (wx, wy, ww, wh), got {weights!r}.")
+        self.weights = tuple(float(w) for w in weights)
+        self.clip = float(clip)
+
+    def encode(self, boxes: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+        """Deltas ``[..., 4]`` that turn ``reference`` into ``boxes`` (:func:`encode_boxes`)."""
+        return encode_boxes(boxes, reference, self.weights)
+
+    def decode(self, deltas: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+        """Boxes ``[..., 4]`` float32 from ``deltas`` applied to ``reference`` (:func:`decode_boxes`)."""
+        return decode_boxes(deltas, reference, self.weights, self.clip)
+
+    def get_config(self) -> dict:
+        return {"weights": list(self.weights), "clip": self.clip}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BoxCoder":
+        return cls(**config)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BoxCoder) and (self.weights, self.clip) == (other.weights, other.clip)
+
+    def __repr__(self) -> str:
+        return f"BoxCoder(weights={self.weights}, clip={self.clip:.4f})"

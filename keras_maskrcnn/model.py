@@ -1,33 +1,30 @@
-"""The Mask R-CNN model (He et al. 2017) as a subclassed ``keras.Model``."""
+"""The Mask R-CNN model (He et al. 2017) as a subclassed ``keras.Model``, composed as torchvision's
+``GeneralizedRCNN``: backbone, FPN, the RPN stage (:mod:`keras_maskrcnn.rpn`) and the RoI-heads
+stage (:mod:`keras_maskrcnn.roi_heads`); image geometry is :mod:`keras_maskrcnn.transform`, and
+training (losses, ``train_step``) :mod:`keras_maskrcnn.model_training`."""
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_maskrcnn.layers.anchors import AnchorGenerator
+from keras_maskrcnn import precision, transform
 from keras_maskrcnn.layers.backbone import backbone_channels, build_backbone
-from keras_maskrcnn.layers.box_head import BoxHead
-from keras_maskrcnn.layers.detections import DetectionLayer
 from keras_maskrcnn.layers.fpn import FeaturePyramidNetwork
-from keras_maskrcnn.layers.mask_head import MaskHead
-from keras_maskrcnn.layers.proposals import ProposalLayer
-from keras_maskrcnn.layers.roi_align import MultiLevelROIAlign
-from keras_maskrcnn.layers.rpn import RPNHead
-from keras_maskrcnn import losses as loss_fns
-from keras_maskrcnn import precision
-from keras_maskrcnn import targets as target_fns
-from keras_maskrcnn import transform
+from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps
+from keras_maskrcnn.roi_heads import RoIHeads, build_roi_heads
+from keras_maskrcnn.rpn import RPN_LEVELS, RegionProposalNetwork, build_rpn
 
 MASK_FORMATS = ("binary", "probability", "box")
-LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
+# The version of the model's saved layout; files of 0.1.0 (no version) kept the RPN head at the top.
+FORMAT_VERSION = 2
+_INJECTABLE_HEADS = ("rpn_head", "box_head", "mask_head")
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
-class MaskRCNN(keras.Model):
+class MaskRCNN(TrainingSteps, keras.Model):
     """Mask R-CNN with a ResNet-FPN backbone; defaults are torchvision's ``maskrcnn_resnet50_fpn``.
 
     The model takes RGB images with values in ``[0, 255]`` (uint8 or float) and normalises them
@@ -58,7 +55,22 @@ class MaskRCNN(keras.Model):
             SavedModel never uses it (TF Serving runs XLA only when told to).
         mask_head_convs: 3x3 convolutions of the mask head before its upsampling (torchvision: 4).
         mask_head_channels: their width (default ``fpn_channels``, as torchvision).
-        The remaining arguments are torchvision's hyperparameters of the same names.
+        fpn_norm: ``None`` (torchvision's v1) or ``"batch_norm"`` after each FPN convolution (v2).
+        rpn_conv_depth: 3x3 convolutions of the RPN head (v1: 1, v2: 2).
+        box_head_convs: 3x3 convolutions of the box head before its FC layers (v1: 0, v2: 4),
+            ``fpn_channels`` wide.
+        box_head_fcs: FC layers of the box head (v1: 2, v2: 1).
+        head_norm: ``None`` (v1) or ``"batch_norm"`` after each convolution of the box and mask
+            heads (v2; it also makes training from scratch converge much faster).
+        rpn_head, box_head, mask_head: optional layers that replace the default heads (a new head
+            architecture; the stages' call contracts: :class:`~keras_maskrcnn.layers.rpn.RPNHead`,
+            :class:`~keras_maskrcnn.layers.box_head.BoxHead`, :class:`~keras_maskrcnn.layers.mask_head.MaskHead`).
+            They are serialised with ``keras.layers.serialize`` in the model's config, so a model
+            with custom heads saves and loads as ``.keras`` when the heads are registered
+            serialisable classes.
+        The remaining arguments are torchvision's hyperparameters of the same names; the model
+        hands them to its stages, :attr:`rpn` (:class:`~keras_maskrcnn.rpn.RegionProposalNetwork`)
+        and :attr:`roi_heads` (:class:`~keras_maskrcnn.roi_heads.RoIHeads`), which own them.
 
     Inputs:
         ``images [B, H, W, 3]`` or a dict ``{"images": ..., "image_sizes": [B, 2] int}`` where
@@ -111,15 +123,23 @@ class MaskRCNN(keras.Model):
         box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         mask_threshold: float = 0.5,
         mask_output: str = "binary",
-        image_mean: Sequence[float] = (0.485, 0.456, 0.406),
-        image_std: Sequence[float] = (0.229, 0.224, 0.225),
-        min_size: int = 800,
-        max_size: int = 1333,
-        size_divisible: int = 32,
+        image_mean: Sequence[float] = transform.IMAGE_MEAN,
+        image_std: Sequence[float] = transform.IMAGE_STD,
+        min_size: int = transform.MIN_SIZE,
+        max_size: int = transform.MAX_SIZE,
+        size_divisible: int = transform.SIZE_DIVISIBLE,
         gt_mask_size: int = 128,
         jit_compile_masks: bool = True,
         mask_head_convs: int = 4,
         mask_head_channels: Optional[int] = None,
+        fpn_norm: Optional[str] = None,
+        rpn_conv_depth: int = 1,
+        box_head_convs: int = 0,
+        box_head_fcs: int = 2,
+        head_norm: Optional[str] = None,
+        rpn_head: Optional[keras.layers.Layer] = None,
+        box_head: Optional[keras.layers.Layer] = None,
+        mask_head: Optional[keras.layers.Layer] = None,
         **kwargs,
     ):
         if kwargs.get("dtype") == precision.AUTO:
@@ -132,23 +152,6 @@ class MaskRCNN(keras.Model):
         self.num_classes = num_classes
         self.trainable_backbone_layers = trainable_backbone_layers
         self.backbone_norm = backbone_norm
-        self.fpn_channels = fpn_channels
-        self.anchor_sizes = tuple(anchor_sizes)
-        self.aspect_ratios = tuple(aspect_ratios)
-        self.rpn_fg_iou_threshold = rpn_fg_iou_threshold
-        self.rpn_bg_iou_threshold = rpn_bg_iou_threshold
-        self.rpn_batch_size_per_image = rpn_batch_size_per_image
-        self.rpn_positive_fraction = rpn_positive_fraction
-        self.box_roi_size = box_roi_size
-        self.mask_roi_size = mask_roi_size
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
-        self.representation_size = representation_size
-        self.box_fg_iou_threshold = box_fg_iou_threshold
-        self.box_bg_iou_threshold = box_bg_iou_threshold
-        self.box_batch_size_per_image = box_batch_size_per_image
-        self.box_positive_fraction = box_positive_fraction
-        self.box_coder_weights = tuple(float(w) for w in box_coder_weights)
         self.mask_threshold = mask_threshold
         self.mask_output = mask_output
         self.image_mean = tuple(float(m) for m in image_mean)
@@ -158,68 +161,130 @@ class MaskRCNN(keras.Model):
         self.size_divisible = size_divisible
         self.gt_mask_size = gt_mask_size
         self.jit_compile_masks = jit_compile_masks
+        # Heads the user passed in (serialised in get_config); the others are built from the arguments.
+        self._custom_head_names = tuple(
+            name for name, head in zip(_INJECTABLE_HEADS, (rpn_head, box_head, mask_head)) if head is not None
+        )
 
         policy = self.dtype_policy
         self._backbone_name = backbone if isinstance(backbone, str) else None
         self.backbone = build_backbone(
             backbone, trainable_layers=trainable_backbone_layers, norm=backbone_norm, dtype=policy
         )
-        self.fpn = FeaturePyramidNetwork(fpn_channels, dtype=policy, name="fpn")
-        self.anchor_generator = AnchorGenerator(anchor_sizes, aspect_ratios, name="anchor_generator")
-        self.rpn_head = RPNHead(len(aspect_ratios), fpn_channels, dtype=policy, name="rpn_head")
-        self.proposal_layer = ProposalLayer(
-            rpn_pre_nms_top_n_train,
-            rpn_pre_nms_top_n_test,
-            rpn_post_nms_top_n_train,
-            rpn_post_nms_top_n_test,
-            rpn_nms_threshold,
-            rpn_min_size,
-            name="proposals",
+        self.fpn = FeaturePyramidNetwork(fpn_channels, norm=fpn_norm, dtype=policy, name="fpn")
+        self.rpn = build_rpn(
+            _as_layer(rpn_head),
+            channels=fpn_channels,
+            conv_depth=rpn_conv_depth,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            post_nms_top_n_train=rpn_post_nms_top_n_train,
+            post_nms_top_n_test=rpn_post_nms_top_n_test,
+            nms_threshold=rpn_nms_threshold,
+            min_size=rpn_min_size,
+            fg_iou_threshold=rpn_fg_iou_threshold,
+            bg_iou_threshold=rpn_bg_iou_threshold,
+            batch_size_per_image=rpn_batch_size_per_image,
+            positive_fraction=rpn_positive_fraction,
+            dtype=policy,
         )
-        self.box_roi_align = MultiLevelROIAlign(
-            box_roi_size, sampling_ratio=sampling_ratio, aligned=aligned, dtype=policy, name="box_roi_align"
-        )
-        self.box_head = BoxHead(num_classes, representation_size, dtype=policy, name="box_head")
-        self.detection_layer = DetectionLayer(
-            box_score_threshold,
-            box_nms_threshold,
-            detections_per_image,
+        self.roi_heads = build_roi_heads(
+            num_classes,
+            _as_layer(box_head),
+            _as_layer(mask_head),
+            channels=fpn_channels,
+            box_roi_size=box_roi_size,
+            mask_roi_size=mask_roi_size,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+            representation_size=representation_size,
+            box_head_convs=box_head_convs,
+            box_head_fcs=box_head_fcs,
+            mask_head_convs=mask_head_convs,
+            mask_head_channels=mask_head_channels,
+            head_norm=head_norm,
+            score_threshold=box_score_threshold,
+            nms_threshold=box_nms_threshold,
+            detections_per_image=detections_per_image,
+            fg_iou_threshold=box_fg_iou_threshold,
+            bg_iou_threshold=box_bg_iou_threshold,
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=box_positive_fraction,
             box_coder_weights=box_coder_weights,
-            name="detections",
+            dtype=policy,
         )
-        self.mask_roi_align = MultiLevelROIAlign(
-            mask_roi_size, sampling_ratio=sampling_ratio, aligned=aligned, dtype=policy, name="mask_roi_align"
+        # Settings that only shape the default heads, kept for get_config.
+        self._head_settings = dict(
+            fpn_channels=fpn_channels,
+            representation_size=representation_size,
+            mask_head_convs=mask_head_convs,
+            mask_head_channels=mask_head_channels,
+            rpn_conv_depth=rpn_conv_depth,
+            box_head_convs=box_head_convs,
+            box_head_fcs=box_head_fcs,
+            head_norm=head_norm,
         )
-        self.mask_head_convs = mask_head_convs
-        self.mask_head_channels = mask_head_channels
-        self.mask_head = MaskHead(
-            num_classes, mask_head_channels or fpn_channels, num_convs=mask_head_convs, dtype=policy, name="mask_head"
-        )
-        self._loss_trackers = [keras.metrics.Mean(name=name) for name in ("loss",) + LOSS_NAMES]
+        self._init_loss_trackers()
+
+    # ----------------------------------------------------------------------------- the stages' parts
+    # torchvision's attribute paths are model.rpn.head, model.roi_heads.box_head, ...; these
+    # shortcuts keep the flat names of 0.1.0 (weight conversion, user code).
+    rpn_head = property(lambda self: self.rpn.head)
+    anchor_generator = property(lambda self: self.rpn.anchor_generator)
+    proposal_layer = property(lambda self: self.rpn.proposal_layer)
+    box_roi_align = property(lambda self: self.roi_heads.box_roi_align)
+    box_head = property(lambda self: self.roi_heads.box_head)
+    mask_roi_align = property(lambda self: self.roi_heads.mask_roi_align)
+    mask_head = property(lambda self: self.roi_heads.mask_head)
+    detection_layer = property(lambda self: self.roi_heads.detection_layer)
+    fpn_channels = property(lambda self: self.fpn.channels)
+    box_roi_size = property(lambda self: self.box_roi_align.output_size[0])
+    mask_roi_size = property(lambda self: self.mask_roi_align.output_size[0])
+    box_coder_weights = property(lambda self: self.detection_layer.box_coder_weights)
+    anchor_sizes = property(lambda self: self.anchor_generator.sizes)
+    aspect_ratios = property(lambda self: self.anchor_generator.aspect_ratios)
+    sampling_ratio = property(lambda self: self.box_roi_align.sampling_ratio)
+    aligned = property(lambda self: self.box_roi_align.aligned)
+    rpn_fg_iou_threshold = property(lambda self: self.rpn.fg_iou_threshold)
+    rpn_bg_iou_threshold = property(lambda self: self.rpn.bg_iou_threshold)
+    rpn_batch_size_per_image = property(lambda self: self.rpn.batch_size_per_image)
+    rpn_positive_fraction = property(lambda self: self.rpn.positive_fraction)
+    box_fg_iou_threshold = property(lambda self: self.roi_heads.fg_iou_threshold)
+    box_bg_iou_threshold = property(lambda self: self.roi_heads.bg_iou_threshold)
+    box_batch_size_per_image = property(lambda self: self.roi_heads.sampler.batch_size_per_image)
+    box_positive_fraction = property(lambda self: self.roi_heads.sampler.positive_fraction)
+    representation_size = property(lambda self: self._head_settings["representation_size"])
+    mask_head_convs = property(lambda self: self._head_settings["mask_head_convs"])
+    mask_head_channels = property(lambda self: self._head_settings["mask_head_channels"])
 
     # ----------------------------------------------------------------------------- building
     def build(self, input_shape=None):
         # Each sublayer is built from known channel counts, so a loaded model has every weight
         # before any call; sublayers that training already built are left alone.
-        roi, mask_roi, channels = self.box_roi_size, self.mask_roi_size, self.fpn_channels
-        shapes = [
-            (self.backbone, (None, None, None, 3)),
-            (self.fpn, [(None, None, None, c) for c in backbone_channels(self.backbone)]),
-            (self.rpn_head, [(None, None, None, channels)] * 5),
-            (self.box_head, (None, None, roi, roi, channels)),
-            (self.mask_head, (None, None, mask_roi, mask_roi, channels)),
-        ]
-        for layer, shape in shapes:
-            if not layer.built:
-                layer.build(shape)
+        channels = self.fpn.channels
+        if not self.backbone.built:
+            self.backbone.build((None, None, None, 3))
+        if not self.fpn.built:
+            self.fpn.build([(None, None, None, c) for c in backbone_channels(self.backbone)])
+        if not self.rpn.head.built:
+            self.rpn.head.build([(None, None, None, channels)] * len(RPN_LEVELS))
+        self.rpn.built = True
+        self.roi_heads.build(channels=channels)
         self.built = True
 
     def get_build_config(self):
         # build() needs no shapes: always record one, so a model saved right after fit (never
-        # called) still gets all its weights created on load.
-        return {"input_shape": None}
+        # called) still gets all its weights created on load. The format version tells a file
+        # of 0.1.0 (whose weights are laid out differently) from a current one.
+        return {"input_shape": None, "format_version": FORMAT_VERSION}
 
     def build_from_config(self, config):
+        if config.get("format_version") is None:
+            from keras_maskrcnn.saving import legacy_format_error
+
+            raise legacy_format_error()
         self.build()
 
     # ----------------------------------------------------------------------------- forward
@@ -243,30 +308,20 @@ class MaskRCNN(keras.Model):
         return transform.normalize_and_pad(images, image_sizes, self.image_mean, self.image_std, self.size_divisible)
 
     def _features(self, images: tf.Tensor, training: bool, image_sizes: tf.Tensor):
+        """Padded shape ``[2]`` and the pyramid ``{"P2": ..., "P6": ...}`` of a batch."""
         x = self._normalize_and_pad(images, image_sizes)
         backbone_features = self.backbone(x, training=training)
         if len(backbone_features) != 4:
             raise ValueError(f"The backbone must return four feature maps (C2..C5), got {len(backbone_features)}.")
-        features = self.fpn(list(backbone_features))
-        return tf.shape(x)[1:3], features
-
-    def _rpn(self, padded_shape, features, image_sizes, training: bool):
-        objectness, deltas, _ = self.rpn_head(features)
-        anchors = self.anchor_generator(padded_shape, [tf.shape(f)[1:3] for f in features])
-        proposals, _, num_proposals = self.proposal_layer(objectness, deltas, anchors, image_sizes, training=training)
-        return objectness, deltas, anchors, proposals, num_proposals
-
-    def _mask_probabilities(self, features, boxes, classes) -> tf.Tensor:
-        """``[B, N, 28, 28]`` float32 mask probabilities of each box's class."""
-        return tf.sigmoid(self.mask_head(self.mask_roi_align(features[:4], boxes), classes=classes))
+        pyramid = self.fpn(list(backbone_features), training=training)
+        return tf.shape(x)[1:3], dict(zip(RPN_LEVELS, pyramid))
 
     def call(self, inputs, training=None, mask_output: Optional[str] = None) -> Dict[str, tf.Tensor]:
         images, image_sizes = self._unpack(inputs)
         padded_shape, features = self._features(images, training=False, image_sizes=image_sizes)
-        _, _, _, proposals, num_proposals = self._rpn(padded_shape, features, image_sizes, training=False)
-        class_logits, box_deltas = self.box_head(self.box_roi_align(features[:4], proposals))
-        detections = self.detection_layer(class_logits, box_deltas, proposals, num_proposals, image_sizes)
-        masks = self._mask_probabilities(features, detections["boxes"], detections["classes"])
+        proposals = self.rpn(features, padded_shape, image_sizes, training=False)
+        detections = self.roi_heads(features, proposals["proposals"], proposals["num_proposals"], image_sizes)
+        masks = detections.pop("masks")
         detections["masks"] = self._format_masks(masks, detections, tf.shape(images)[1], tf.shape(images)[2], mask_output)
         return detections
 
@@ -280,139 +335,6 @@ class MaskRCNN(keras.Model):
         return transform.paste_masks_in_image(
             masks, detections["boxes"], height, width, threshold=threshold, jit_compile=self.jit_compile_masks
         )
-
-    # ----------------------------------------------------------------------------- training
-    def compute_losses(self, inputs, targets, training: bool = True) -> Dict[str, tf.Tensor]:
-        """The five Mask R-CNN losses for a batch (see :mod:`keras_maskrcnn.data` for the format).
-
-        ``targets``: ``boxes [B, G, 4]`` (x1, y1, x2, y2) in input pixels, ``classes [B, G]`` int
-        (0 = padding), ``masks [B, G, N, N]`` box-relative ground-truth coverage masks (uint8,
-        255 = covered; see :mod:`keras_maskrcnn.data`).
-        """
-        images, image_sizes = self._unpack(inputs)
-        gt_boxes = tf.cast(targets["boxes"], tf.float32)
-        gt_classes = tf.cast(targets["classes"], tf.int32)
-        gt_masks = targets["masks"]
-        gt_valid = gt_classes > 0
-
-        padded_shape, features = self._features(images, training=training, image_sizes=image_sizes)
-        objectness, deltas, anchors, proposals, num_proposals = self._rpn(
-            padded_shape, features, image_sizes, training=training
-        )
-        labels, box_targets, positive, sampled = target_fns.rpn_targets(
-            tf.concat(anchors, axis=0),
-            gt_boxes,
-            gt_valid,
-            self.rpn_fg_iou_threshold,
-            self.rpn_bg_iou_threshold,
-            self.rpn_batch_size_per_image,
-            self.rpn_positive_fraction,
-        )
-        rpn_objectness_loss, rpn_box_loss = loss_fns.rpn_losses(
-            objectness, deltas, labels, box_targets, positive, sampled
-        )
-
-        rois = target_fns.sample_rois(
-            proposals,
-            num_proposals,
-            gt_boxes,
-            gt_classes,
-            self.box_fg_iou_threshold,
-            self.box_bg_iou_threshold,
-            self.box_batch_size_per_image,
-            self.box_positive_fraction,
-            self.box_coder_weights,
-        )
-        class_logits, box_deltas = self.box_head(self.box_roi_align(features[:4], rois["rois"]))
-        class_loss, box_loss = loss_fns.box_head_losses(
-            class_logits, box_deltas, rois["labels"], rois["box_targets"], rois["valid"], rois["positive"]
-        )
-
-        # Positives come first in the sampled RoIs, so the mask head sees only those slots.
-        num_pos_slots = int(self.box_batch_size_per_image * self.box_positive_fraction)
-        pos_rois = rois["rois"][:, :num_pos_slots]
-        pos_labels = rois["labels"][:, :num_pos_slots]
-        mask_logits = self.mask_head(self.mask_roi_align(features[:4], pos_rois), classes=pos_labels)
-        mask_size = 2 * self.mask_roi_size
-        mask_targets = target_fns.mask_targets(
-            pos_rois, rois["matched_gt"][:, :num_pos_slots], gt_boxes, gt_masks, mask_size, image_sizes
-        )
-        mask_loss = loss_fns.mask_loss(mask_logits, pos_labels, mask_targets, rois["positive"][:, :num_pos_slots])
-        # Final reduction. Each loss above is a mean over the items sampled from this batch; under a
-        # tf.distribute strategy with several replicas it becomes this replica's share of the mean
-        # over the GLOBAL batch (sum here / count summed over replicas), so that the optimizer's sum
-        # of the replicas' gradients is the gradient of the global-batch loss (see
-        # keras_maskrcnn.distribute). Unchanged on one replica.
-        from keras_maskrcnn import distribute
-
-        means = tf.stack([rpn_objectness_loss, rpn_box_loss, class_loss, box_loss, mask_loss])
-        num_sampled = tf.reduce_sum(tf.cast(sampled, tf.float32))
-        num_rois = tf.reduce_sum(tf.cast(rois["valid"], tf.float32))
-        num_pos = tf.reduce_sum(tf.cast(rois["positive"][:, :num_pos_slots], tf.float32))
-        counts = tf.stack([num_sampled, num_sampled, num_rois, num_rois, num_pos])
-        shares = distribute.global_batch_shares(tf.cast(means, tf.float32), counts)
-        return dict(zip(LOSS_NAMES, tf.unstack(shares)))
-
-    @property
-    def metrics(self):
-        return list(self._loss_trackers)
-
-    def _update_trackers(self, total, losses):
-        # Under a strategy each replica holds its share of the global-batch losses: their sum over
-        # replicas (one all-reduce) is the global-batch loss, which every replica then records, so
-        # the logged metrics are the same on all replicas and workers. A no-op on one replica.
-        from keras_maskrcnn import distribute
-
-        values = tf.stack([tf.cast(total, tf.float32)] + [tf.cast(losses[name], tf.float32) for name in LOSS_NAMES])
-        values = distribute.sum_over_replicas(values)
-        for tracker, value in zip(self._loss_trackers, tf.unstack(values)):
-            tracker.update_state(value)
-        results = {tracker.name: tracker.result() for tracker in self._loss_trackers}
-        if distribute.is_multi_worker():
-            # Keras reduces step outputs over workers with strategy.reduce("MEAN", axis=0), which
-            # needs a leading axis; the mean of identical values is the value.
-            results = {name: tf.reshape(value, [1]) for name, value in results.items()}
-        return results
-
-    @staticmethod
-    def _split(data):
-        if not isinstance(data, (tuple, list)) or len(data) < 2:
-            raise ValueError(
-                "Training data must be (inputs, targets) pairs as made by keras_maskrcnn.data; "
-                f"got {type(data).__name__}."
-            )
-        return data[0], data[1]
-
-    def train_step(self, data):
-        """One optimisation step on a batch (under a strategy: on this replica's share of it).
-
-        The optimizer sums the replicas' gradients, so every term is this replica's share of the
-        global-batch loss: :meth:`compute_losses` returns shares, and regularisation losses are
-        divided by the number of replicas. The returned metrics are global-batch values.
-        """
-        if not self.built:  # fit() does not call the model, so build it here
-            self.build()
-        from keras_maskrcnn import distribute
-
-        inputs, targets = self._split(data)
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(inputs, targets, training=True)
-            total = tf.add_n(list(losses.values()))
-            if self.losses:
-                regularization = tf.cast(tf.add_n(self.losses), total.dtype)
-                total = total + regularization / float(distribute.num_replicas_in_sync())
-            scaled = self.optimizer.scale_loss(total)
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
-        return self._update_trackers(total, losses)
-
-    def test_step(self, data):
-        if not self.built:  # fit() does not call the model, so build it here
-            self.build()
-        inputs, targets = self._split(data)
-        losses = self.compute_losses(inputs, targets, training=False)
-        return self._update_trackers(tf.add_n(list(losses.values())), losses)
 
     # ----------------------------------------------------------------------------- inference helper
     def predict_images(self, images: Sequence[np.ndarray], batch_size: int = 2) -> List[Dict[str, np.ndarray]]:
@@ -432,41 +354,43 @@ class MaskRCNN(keras.Model):
         return predict_images(self, images, batch_size=batch_size)
 
     # ----------------------------------------------------------------------------- serialisation
-    def get_config(self):
+    def get_config(self) -> Dict[str, Any]:
+        """torchvision's flat hyperparameters, read from the stages that own them, plus any
+        injected head serialised with ``keras.layers.serialize``."""
+        rpn, roi_heads = self.rpn, self.roi_heads
+        proposals, detections = rpn.proposal_layer, roi_heads.detection_layer
         config = super().get_config()
-        backbone = self._backbone_config
         config.update(
             {
                 "num_classes": self.num_classes,
-                "backbone": backbone,
+                "backbone": self._backbone_config,
                 "trainable_backbone_layers": self.trainable_backbone_layers,
                 "backbone_norm": self.backbone_norm,
-                "fpn_channels": self.fpn_channels,
+                "fpn_norm": self.fpn.norm,
                 "anchor_sizes": list(self.anchor_sizes),
                 "aspect_ratios": list(self.aspect_ratios),
-                "rpn_pre_nms_top_n_train": self.proposal_layer.pre_nms_top_n_train,
-                "rpn_pre_nms_top_n_test": self.proposal_layer.pre_nms_top_n_test,
-                "rpn_post_nms_top_n_train": self.proposal_layer.post_nms_top_n_train,
-                "rpn_post_nms_top_n_test": self.proposal_layer.post_nms_top_n_test,
-                "rpn_nms_threshold": self.proposal_layer.nms_threshold,
-                "rpn_min_size": self.proposal_layer.min_size,
-                "rpn_fg_iou_threshold": self.rpn_fg_iou_threshold,
-                "rpn_bg_iou_threshold": self.rpn_bg_iou_threshold,
-                "rpn_batch_size_per_image": self.rpn_batch_size_per_image,
-                "rpn_positive_fraction": self.rpn_positive_fraction,
+                "rpn_pre_nms_top_n_train": proposals.pre_nms_top_n_train,
+                "rpn_pre_nms_top_n_test": proposals.pre_nms_top_n_test,
+                "rpn_post_nms_top_n_train": proposals.post_nms_top_n_train,
+                "rpn_post_nms_top_n_test": proposals.post_nms_top_n_test,
+                "rpn_nms_threshold": proposals.nms_threshold,
+                "rpn_min_size": proposals.min_size,
+                "rpn_fg_iou_threshold": rpn.fg_iou_threshold,
+                "rpn_bg_iou_threshold": rpn.bg_iou_threshold,
+                "rpn_batch_size_per_image": rpn.batch_size_per_image,
+                "rpn_positive_fraction": rpn.positive_fraction,
                 "box_roi_size": self.box_roi_size,
                 "mask_roi_size": self.mask_roi_size,
-                "sampling_ratio": self.sampling_ratio,
-                "aligned": self.aligned,
-                "representation_size": self.representation_size,
-                "box_score_threshold": self.detection_layer.score_threshold,
-                "box_nms_threshold": self.detection_layer.nms_threshold,
-                "detections_per_image": self.detection_layer.max_detections,
-                "box_fg_iou_threshold": self.box_fg_iou_threshold,
-                "box_bg_iou_threshold": self.box_bg_iou_threshold,
-                "box_batch_size_per_image": self.box_batch_size_per_image,
-                "box_positive_fraction": self.box_positive_fraction,
-                "box_coder_weights": list(self.box_coder_weights),
+                "sampling_ratio": roi_heads.box_roi_align.sampling_ratio,
+                "aligned": roi_heads.box_roi_align.aligned,
+                "box_score_threshold": detections.score_threshold,
+                "box_nms_threshold": detections.nms_threshold,
+                "detections_per_image": detections.max_detections,
+                "box_fg_iou_threshold": roi_heads.fg_iou_threshold,
+                "box_bg_iou_threshold": roi_heads.bg_iou_threshold,
+                "box_batch_size_per_image": roi_heads.sampler.batch_size_per_image,
+                "box_positive_fraction": roi_heads.sampler.positive_fraction,
+                "box_coder_weights": list(roi_heads.box_coder.weights),
                 "mask_threshold": self.mask_threshold,
                 "mask_output": self.mask_output,
                 "image_mean": list(self.image_mean),
@@ -476,10 +400,11 @@ class MaskRCNN(keras.Model):
                 "size_divisible": self.size_divisible,
                 "gt_mask_size": self.gt_mask_size,
                 "jit_compile_masks": self.jit_compile_masks,
-                "mask_head_convs": self.mask_head_convs,
-                "mask_head_channels": self.mask_head_channels,
+                **self._head_settings,
             }
         )
+        for name in self._custom_head_names:
+            config[name] = keras.layers.serialize(getattr(self, name))
         return config
 
     @property
@@ -493,8 +418,10 @@ class MaskRCNN(keras.Model):
         config = dict(config)
         if isinstance(config.get("backbone"), dict):
             config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        model = cls(**config)
-        # Built here, so loading a saved model always finds every variable (also files saved
-        # before the model recorded a build config).
-        model.build()
-        return model
+        # Not built here: Keras' loader calls build_from_config next, which checks the format.
+        return cls(**config)
+
+
+def _as_layer(head: Union[None, keras.layers.Layer, Dict[str, Any]]) -> Optional[keras.layers.Layer]:
+    """An injected head given as a layer or as its ``keras.layers.serialize`` form (from a config)."""
+    return keras.layers.deserialize(head) if isinstance(head, dict) else head

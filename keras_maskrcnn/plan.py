@@ -32,14 +32,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 
-from keras_maskrcnn import presets
+from keras_maskrcnn import presets, transform
 from keras_maskrcnn.callbacks import EpochTimeEstimate  # noqa: F401  (re-exported: it was defined here)
 from keras_maskrcnn.optimizers import build_optimizer
 from keras_maskrcnn.precision import resolve_policy
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = 800, 1333
+TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = transform.MIN_SIZE, transform.MAX_SIZE
 # Pixels per batch the plan aims at (8 images of 256 x 256), and the batch size range.
 BATCH_PIXELS = 8 * 256 * 256
 MAX_AUTO_BATCH = 8

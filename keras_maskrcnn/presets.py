@@ -1,6 +1,7 @@
 """Named model configurations."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict
 
 
@@ -44,6 +45,22 @@ def demo_config(image_size: int = DEMO_IMAGE_SIZE) -> Dict[str, Any]:
     return dict(small_model_config(image_size), anchor_sizes=tuple(round(s * scale) for s in (16, 32, 64, 128, 256)))
 
 
+def model_defaults() -> Dict[str, Any]:
+    """Every :class:`~keras_maskrcnn.MaskRCNN` hyperparameter and its default: the one source of
+    defaults (torchvision's ``maskrcnn_resnet50_fpn``). The presets state only what differs."""
+    from keras_maskrcnn.model import MaskRCNN
+
+    defaults = {}
+    for name, parameter in inspect.signature(MaskRCNN.__init__).parameters.items():
+        if parameter.default is not inspect.Parameter.empty and name not in _NOT_HYPERPARAMETERS:
+            defaults[name] = parameter.default
+    return defaults
+
+
+# Constructor arguments that are not hyperparameters of torchvision's model.
+_NOT_HYPERPARAMETERS = ("rpn_head", "box_head", "mask_head", "mask_output", "jit_compile_masks", "gt_mask_size")
+
+
 def torchvision_maskrcnn_resnet50_fpn_config(**overrides: Any) -> Dict[str, Any]:
     """torchvision's ``maskrcnn_resnet50_fpn`` hyperparameters, stated explicitly (``MaskRCNN``'s defaults).
 
@@ -51,42 +68,12 @@ def torchvision_maskrcnn_resnet50_fpn_config(**overrides: Any) -> Dict[str, Any]
     and post-processes exactly as torchvision does (``predict_images`` resizes with torchvision's
     ``min_size`` / ``max_size`` rule). ``overrides`` replace or add ``MaskRCNN`` arguments, e.g. ``min_size=640``.
     """
-    config = dict(
-        backbone="resnet50",
-        backbone_norm="frozen_bn",
-        trainable_backbone_layers=3,
-        fpn_channels=256,
-        anchor_sizes=(32, 64, 128, 256, 512),
-        aspect_ratios=(0.5, 1.0, 2.0),
-        rpn_pre_nms_top_n_train=2000,
-        rpn_pre_nms_top_n_test=1000,
-        rpn_post_nms_top_n_train=2000,
-        rpn_post_nms_top_n_test=1000,
-        rpn_nms_threshold=0.7,
-        rpn_min_size=1e-3,
-        rpn_fg_iou_threshold=0.7,
-        rpn_bg_iou_threshold=0.3,
-        rpn_batch_size_per_image=256,
-        rpn_positive_fraction=0.5,
-        box_roi_size=7,
-        mask_roi_size=14,
-        sampling_ratio=2,
-        aligned=False,
-        representation_size=1024,
-        box_score_threshold=0.05,
-        box_nms_threshold=0.5,
-        detections_per_image=100,
-        box_fg_iou_threshold=0.5,
-        box_bg_iou_threshold=0.5,
-        box_batch_size_per_image=512,
-        box_positive_fraction=0.25,
-        box_coder_weights=(10.0, 10.0, 5.0, 5.0),
-        mask_threshold=0.5,
-        image_mean=(0.485, 0.456, 0.406),
-        image_std=(0.229, 0.224, 0.225),
-        min_size=800,
-        max_size=1333,
-        size_divisible=32,
-    )
-    config.update(overrides)
-    return config
+    return {**model_defaults(), **overrides}
+
+
+def torchvision_maskrcnn_resnet50_fpn_v2_config(**overrides: Any) -> Dict[str, Any]:
+    """torchvision's ``maskrcnn_resnet50_fpn_v2`` (Li et al. 2021, "Benchmarking detection transfer
+    learning with vision transformers"): v1 with batch norm in the FPN and the heads, a two-conv
+    RPN head and a four-conv + one-FC box head."""
+    v2 = dict(fpn_norm="batch_norm", head_norm="batch_norm", rpn_conv_depth=2, box_head_convs=4, box_head_fcs=1)
+    return {**model_defaults(), **v2, **overrides}

@@ -1,4 +1,6 @@
-"""Training targets: anchor and proposal matching, balanced sampling, mask targets.
+"""Training targets: the RPN's anchor labels, the RoI heads' sampled RoIs, and mask targets.
+
+Matching and the balanced sampler are :mod:`keras_maskrcnn.matching`.
 
 Everything is batched with static per-image sample counts (no Python loop over images or boxes).
 Ground truth comes padded: ``gt_boxes [B, G, 4]`` (x1, y1, x2, y2) and ``gt_classes [B, G]``
@@ -7,89 +9,20 @@ with class 0 in padding rows; ``gt_masks [B, G, N, N]`` are box-relative coverag
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import tensorflow as tf
 
 from keras_maskrcnn import boxes as box_ops
+from keras_maskrcnn.matching import BACKGROUND, IGNORE, BalancedPositiveNegativeSampler, Matcher, balanced_sample, match
 
-BACKGROUND = -1
-IGNORE = -2
+__all__ = ["BACKGROUND", "IGNORE", "match", "balanced_sample", "rpn_targets", "sample_rois", "mask_targets"]
 
 
 def _with_empty_row(t: tf.Tensor) -> tf.Tensor:
     """Append one all-zero (padding) ground-truth row, so gathers work when an image has none."""
     paddings = [[0, 0], [0, 1]] + [[0, 0]] * (len(t.shape) - 2)
     return tf.pad(t, paddings)
-
-
-def match(
-    iou: tf.Tensor,
-    gt_valid: tf.Tensor,
-    high_threshold: float,
-    low_threshold: float,
-    allow_low_quality_matches: bool,
-) -> tf.Tensor:
-    """torchvision's ``Matcher``: the ground truth each prediction matches, or a negative code.
-
-    Args:
-        iou: ``[B, N, G]`` IoU of predictions (anchors or proposals) with ground truth.
-        gt_valid: ``[B, G]`` bool, False for padding rows.
-        high_threshold: IoU at or above which a prediction is foreground.
-        low_threshold: IoU below which it is background; in between it is ignored.
-        allow_low_quality_matches: also make foreground, for each ground truth, the predictions
-            with its highest IoU (ties included), matched to their own best ground truth.
-
-    Returns:
-        ``[B, N]`` int32: the matched ground truth index, ``BACKGROUND`` (-1) or ``IGNORE`` (-2).
-    """
-    iou = tf.where(gt_valid[:, None, :], iou, -1.0)
-    best = tf.reduce_max(iou, axis=2)
-    best_gt = tf.argmax(iou, axis=2, output_type=tf.int32)
-    matches = tf.where(best < low_threshold, BACKGROUND, tf.where(best < high_threshold, IGNORE, best_gt))
-    if allow_low_quality_matches:
-        best_per_gt = tf.reduce_max(iou, axis=1, keepdims=True)  # [B, 1, G]
-        is_best = tf.logical_and(tf.equal(iou, best_per_gt), gt_valid[:, None, :])
-        # A ground truth with no overlap at all (best IoU 0) gives no low-quality match.
-        is_best = tf.logical_and(is_best, best_per_gt > 0.0)
-        matches = tf.where(tf.reduce_any(is_best, axis=2), best_gt, matches)
-    # No ground truth at all: everything is background.
-    return tf.where(tf.reduce_any(gt_valid, axis=1, keepdims=True), matches, BACKGROUND)
-
-
-def _random_top(candidates: tf.Tensor, counts: tf.Tensor, k: int, seed=None) -> tf.Tensor:
-    """``[B, N]`` bool choosing ``counts [B]`` (at most ``k``) random True entries of each row."""
-    noise = tf.random.uniform(tf.shape(candidates), seed=seed)
-    keyed = tf.where(candidates, noise, -1.0)
-    k = tf.minimum(k, tf.shape(candidates)[1])
-    _, idx = tf.math.top_k(keyed, k=k)
-    take = tf.range(k)[None, :] < counts[:, None]
-    batch = tf.shape(candidates)[0]
-    b = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(idx))
-    scatter_idx = tf.stack([tf.boolean_mask(b, take), tf.boolean_mask(idx, take)], axis=1)
-    return tf.scatter_nd(scatter_idx, tf.ones(tf.shape(scatter_idx)[:1], tf.bool), tf.shape(candidates))
-
-
-def balanced_sample(
-    matches: tf.Tensor, valid: tf.Tensor, batch_size_per_image: int, positive_fraction: float
-) -> Tuple[tf.Tensor, tf.Tensor]:
-    """torchvision's ``BalancedPositiveNegativeSampler`` over ``matches [B, N]``.
-
-    Takes up to ``batch_size_per_image * positive_fraction`` random foreground entries and fills
-    up to ``batch_size_per_image`` with random background entries. Returns ``(positive, negative)``
-    ``[B, N]`` bool masks.
-    """
-    positive = tf.logical_and(matches >= 0, valid)
-    negative = tf.logical_and(tf.equal(matches, BACKGROUND), valid)
-    max_positive = int(batch_size_per_image * positive_fraction)
-    num_pos = tf.minimum(tf.reduce_sum(tf.cast(positive, tf.int32), axis=1), max_positive)
-    num_neg = tf.minimum(
-        tf.reduce_sum(tf.cast(negative, tf.int32), axis=1), batch_size_per_image - num_pos
-    )
-    return (
-        _random_top(positive, num_pos, max_positive),
-        _random_top(negative, num_neg, batch_size_per_image),
-    )
 
 
 def _box_targets(gt_boxes, matched, reference, positive, weights=(1.0, 1.0, 1.0, 1.0)) -> tf.Tensor:
@@ -117,8 +50,9 @@ def rpn_targets(
     gt_boxes, gt_valid = _with_empty_row(gt_boxes), _with_empty_row(gt_valid)
     anchors = tf.broadcast_to(anchors[None], [tf.shape(gt_boxes)[0], tf.shape(anchors)[0], 4])
     iou = box_ops.pairwise_iou(anchors, gt_boxes)
-    matches = match(iou, gt_valid, fg_iou_threshold, bg_iou_threshold, allow_low_quality_matches=True)
-    positive, negative = balanced_sample(matches, tf.ones_like(matches, tf.bool), batch_size_per_image, positive_fraction)
+    matches = Matcher(fg_iou_threshold, bg_iou_threshold, allow_low_quality_matches=True)(iou, gt_valid)
+    sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+    positive, negative = sampler(matches, tf.ones_like(matches, tf.bool))
     box_targets = _box_targets(gt_boxes, tf.maximum(matches, 0), anchors, positive)
     return tf.cast(positive, tf.float32), box_targets, positive, tf.logical_or(positive, negative)
 
@@ -145,10 +79,10 @@ def sample_rois(
     gt_valid = gt_classes > 0
     num_props = tf.shape(proposals)[1]
     candidates = tf.concat([proposals, gt_boxes], axis=1)
-    valid = tf.concat([tf.range(num_props)[None, :] < num_proposals[:, None], gt_valid], axis=1)
+    valid = tf.concat([tf.sequence_mask(num_proposals, num_props), gt_valid], axis=1)
     iou = box_ops.pairwise_iou(candidates, gt_boxes)
-    matches = match(iou, gt_valid, fg_iou_threshold, bg_iou_threshold, allow_low_quality_matches=False)
-    positive, negative = balanced_sample(matches, valid, batch_size_per_image, positive_fraction)
+    matches = Matcher(fg_iou_threshold, bg_iou_threshold, allow_low_quality_matches=False)(iou, gt_valid)
+    positive, negative = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)(matches, valid)
     # Order: sampled positives, sampled negatives, then the rest (marked invalid).
     key = tf.cast(positive, tf.float32) * 2.0 + tf.cast(negative, tf.float32)
     key = key + tf.random.uniform(tf.shape(key), 0.0, 0.5)

@@ -554,19 +554,24 @@ def _resized_batch(images, model):
 
 @tvref.requires_torchvision
 def test_rpn_proposals_match_torchvision(parity):
-    """model._rpn against torchvision's model.rpn(images, features) on the resized, padded batch."""
+    """model.rpn against torchvision's model.rpn(images, features) on the resized, padded batch."""
     images, ref, model = parity
     batch, sizes = _resized_batch(images, model)
     np.testing.assert_array_equal(sizes, ref["image_sizes"])
     padded_shape = tf.constant(ref["batch"].shape[2:])
-    ref_features = [tf.constant(ref[f"feature_{n}"].transpose(0, 2, 3, 1)) for n in ("0", "1", "2", "3", "pool")]
+    ref_features = {
+        level: tf.constant(ref[f"feature_{n}"].transpose(0, 2, 3, 1))
+        for level, n in zip(("P2", "P3", "P4", "P5", "P6"), ("0", "1", "2", "3", "pool"))
+    }
     # Pixels past each image's size must be zero after normalisation, as torchvision pads.
     extra = {"image_sizes": tf.constant(sizes)} if "image_sizes" in inspect.signature(model._features).parameters else {}
     own_shape, own_features = model._features(tf.constant(batch), training=False, **extra)
     np.testing.assert_array_equal(own_shape.numpy(), padded_shape.numpy())
     worst = {}
     for source, features in (("torchvision's features", ref_features), ("own features", own_features)):
-        objectness, deltas, anchors, proposals, num = model._rpn(padded_shape, features, tf.constant(sizes), False)
+        rpn = model.rpn(features, padded_shape, tf.constant(sizes), training=False)
+        objectness, deltas, anchors = rpn["objectness"], rpn["deltas"], rpn["anchors"]
+        proposals, num = rpn["proposals"], rpn["num_proposals"]
         _, scores, _ = model.proposal_layer(objectness, deltas, anchors, tf.constant(sizes), training=False)
         diff = 0.0
         for i in range(len(images)):

@@ -54,7 +54,7 @@ class DetectionLayer(keras.layers.Layer):
         batch, num = shape[0], shape[1]
         boxes = box_ops.clip_boxes(tf.reshape(boxes, [batch, -1, 4]), image_sizes)
         boxes = tf.reshape(boxes, [batch, num, num_classes, 4])
-        valid_proposal = tf.range(num)[None, :] < tf.cast(num_proposals, tf.int32)[:, None]
+        valid_proposal = tf.sequence_mask(num_proposals, num)
         keep = tf.logical_and(valid_proposal[:, :, None], box_ops.small_box_mask(boxes, self.min_size))
         scores = tf.where(keep, scores, 0.0)
         nms_boxes, nms_scores, nms_classes, num_detections = tf.image.combined_non_max_suppression(
@@ -67,7 +67,7 @@ class DetectionLayer(keras.layers.Layer):
             pad_per_class=False,
             clip_boxes=False,
         )
-        row_valid = tf.range(self.max_detections)[None, :] < num_detections[:, None]
+        row_valid = tf.sequence_mask(num_detections, self.max_detections)
         classes = tf.where(row_valid, tf.cast(nms_classes, tf.int32) + 1, 0)
         return {
             "boxes": nms_boxes,

@@ -52,7 +52,11 @@ class MaskHead(keras.layers.Layer):
         init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
         common = dict(kernel_initializer=init, bias_initializer="zeros", dtype=self.dtype_policy)
         self.convs = [
-            Conv2D(channels, 3, padding="same", use_bias=norm is None, name=f"mask_fcn{i + 1}", **common)
+            # Without a norm the ReLU is the convolution's own activation (v1's layer, called alone).
+            Conv2D(
+                channels, 3, padding="same", use_bias=norm is None, activation="relu" if norm is None else None,
+                name=f"mask_fcn{i + 1}", **common,
+            )
             for i in range(num_convs)
         ]
         self.norms = [make_norm(norm, f"mask_fcn{i + 1}_norm", self.dtype_policy) for i in range(num_convs)]

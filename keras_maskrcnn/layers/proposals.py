@@ -85,7 +85,7 @@ class ProposalLayer(keras.layers.Layer):
         levels = tf.concat(level_ids, axis=1)
         valid = box_ops.small_box_mask(boxes, self.min_size)
         keep, num = batched_nms(boxes, scores, post_nms_top_n, self.nms_threshold, groups=levels, valid=valid)
-        row_valid = tf.range(post_nms_top_n)[None, :] < num[:, None]
+        row_valid = tf.sequence_mask(num, post_nms_top_n)
         proposals = tf.where(row_valid[..., None], tf.gather(boxes, keep, batch_dims=1), 0.0)
         proposal_scores = tf.where(row_valid, tf.gather(scores, keep, batch_dims=1), 0.0)
         return proposals, proposal_scores, num

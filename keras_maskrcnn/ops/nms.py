@@ -56,5 +56,5 @@ def batched_nms(
         score_threshold=score_threshold,
         pad_to_max_output_size=True,
     )
-    indices = tf.where(tf.range(max_output_size)[None, :] < num_valid[:, None], indices, 0)
+    indices = tf.where(tf.sequence_mask(num_valid, max_output_size), indices, 0)
     return indices, num_valid
