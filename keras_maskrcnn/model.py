@@ -13,9 +13,9 @@ import tensorflow as tf
 from keras_maskrcnn import precision, transform
 from keras_maskrcnn.layers.backbone import backbone_channels, build_backbone
 from keras_maskrcnn.layers.fpn import FeaturePyramidNetwork
-from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps
-from keras_maskrcnn.roi_heads import RoIHeads, build_roi_heads
-from keras_maskrcnn.rpn import RPN_LEVELS, RegionProposalNetwork, build_rpn
+from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
+from keras_maskrcnn.roi_heads import build_roi_heads
+from keras_maskrcnn.rpn import RPN_LEVELS, build_rpn
 
 MASK_FORMATS = ("binary", "probability", "box")
 # The version of the model's saved layout; files of 0.1.0 (no version) kept the RPN head at the top.
