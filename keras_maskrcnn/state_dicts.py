@@ -8,6 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from keras_maskrcnn.torch_pickle import load_torch_file
+
 
 def to_numpy(value: Any) -> np.ndarray:
     """A numpy copy of a numpy array or torch tensor (on any device, with or without grad)."""
@@ -26,9 +28,12 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 def read_state_dict(source: Any) -> dict[str, Any]:
     """A state dict as a plain ``dict``, from a mapping, a ``torch.nn.Module`` or a file.
 
-    Files: ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` are read with
-    ``torch.load(path, map_location="cpu", weights_only=True)`` (needs PyTorch, imported only
-    here); ``.safetensors`` with ``safetensors.numpy.load_file`` (no PyTorch); ``.npz`` with numpy.
+    Files: ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` (zip-format ``torch.save`` files) are read
+    without PyTorch by :func:`keras_maskrcnn.torch_pickle.load_torch_file`, a restricted unpickler
+    that accepts only tensors, storages, ``OrderedDict`` and plain values and refuses any other
+    pickled global before it runs (the same arrays as ``torch.load(path, weights_only=True)``;
+    bfloat16 becomes float32); ``.safetensors`` with ``safetensors.numpy.load_file``; ``.npz`` with
+    numpy (no pickle).
     A training checkpoint holding the weights under ``"model"`` or ``"state_dict"`` is unwrapped,
     and a ``"module."`` prefix on every key (``DataParallel``) is removed.
     """
@@ -65,14 +70,7 @@ def _read_file(path: str) -> Mapping[str, Any]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     if lower.endswith(_TORCH_SUFFIXES):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                f"Reading the PyTorch file {path!r} needs PyTorch (pip install torch; the CPU build is enough). "
-                "Without it, convert the file elsewhere to .safetensors (safetensors.torch.save_file) or .npz."
-            ) from e
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path)  # restricted unpickler, no PyTorch needed
     raise ValueError(
         f"Unknown state dict file type {path!r}: expected .pth / .pt (PyTorch), .safetensors or .npz."
     )
