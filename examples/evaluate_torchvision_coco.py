@@ -10,8 +10,8 @@ then
         --annotations coco/annotations/instances_val2017.json --images coco/val2017
 
 Expected (torchvision's published numbers for these weights, all 5000 images): box AP 37.9,
-mask AP 34.6. Reading a ``.pth`` needs PyTorch (CPU build is enough); a ``.safetensors`` or
-``.npz`` copy of the state dict needs only numpy. ``--save model.keras`` also writes the converted
+mask AP 34.6. A ``.pth`` is read without PyTorch (a restricted unpickler that only rebuilds
+tensors: keras_maskrcnn.torch_pickle); ``.safetensors`` and ``.npz`` copies work too. ``--save model.keras`` also writes the converted
 model. ``--max-images 50`` gives a quick (not comparable) check.
 
 Class ids: torchvision's COCO model predicts the original COCO category ids (1..90, with gaps) as

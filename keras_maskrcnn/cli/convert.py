@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="convert a torchvision maskrcnn_resnet50_fpn checkpoint to a .keras or .weights.h5 file",
         formatter_class=formatter,
     )
-    parser.add_argument("--checkpoint", metavar="FILE", required=True, help="torchvision state dict: .pth (read with weights_only=True; needs torch), .safetensors or .npz")
+    parser.add_argument("--checkpoint", metavar="FILE", required=True, help="torchvision state dict: .pth (read without PyTorch by a restricted unpickler that only rebuilds tensors, the same arrays as torch.load with weights_only=True), .safetensors or .npz")
     parser.add_argument("--output", metavar="FILE", required=True, help="a .keras (whole model) or .weights.h5 file")
     parser.add_argument("--num-classes", metavar="N", type=positive_int, default=None, help="object classes, background excluded (default: the checkpoint's); a different number re-initialises the class-specific predictors for fine-tuning")
     return parser
