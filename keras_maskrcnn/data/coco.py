@@ -36,11 +36,12 @@ How masks are computed from polygons and RLEs: :mod:`.masks`. Which annotations 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 
 from keras_maskrcnn import transform
+from keras_maskrcnn.data.augment import Augmentation
 from keras_maskrcnn.data.loading import CocoSource, PathLike, load_image, read_json_file
 from keras_maskrcnn.data.masks import MASK_SIZE, annotation_mini_mask, mini_mask, polygons_to_mini_mask
 from keras_maskrcnn.data.pipeline import Example, build_dataset
@@ -80,6 +81,8 @@ def coco_dataset(
     seed: Optional[int] = None,
     num_parallel_calls: int = tf.data.AUTOTUNE,
     drop_remainder: bool = False,
+    augmentation: Union[str, Augmentation, None] = "flip",
+    augmentation_options: Optional[Mapping[str, Any]] = None,
 ) -> tf.data.Dataset:
     """A batched, prefetched ``tf.data.Dataset`` of ``(inputs, targets)`` from a COCO file.
 
@@ -106,13 +109,20 @@ def coco_dataset(
             ``1 / N``, see :func:`keras_maskrcnn.targets.mask_targets`; memory grows as ``N^2``).
         max_instances: fixed instance axis ``G`` (extra instances dropped, warned once), or None
             for per-batch padding.
-        flip_probability: horizontal flip probability (training only).
+        flip_probability: horizontal flip probability of the augmentation presets (training only).
         shuffle: shuffle images every epoch; default ``training``.
         repeat: repeat indefinitely.
         image_ids: images to use, in this order; default all, sorted by id.
         seed: seed for shuffling and flips (reproducible output when set).
         num_parallel_calls: parallelism of the loading ``map``.
         drop_remainder: drop a last partial batch (static batch dimension).
+        augmentation: training augmentation (:mod:`keras_maskrcnn.data.augment`): ``"flip"``
+            (default: flip, then the ``min_size``/``max_size`` resize), ``"multiscale"``
+            (torchvision's short side 480..800, ``max_size``, flip), ``"lsj"`` (large-scale
+            jitter: scale 0.1-2.0 of 1024 x 1024, a 1024 x 1024 crop padded with the mean colour,
+            flip; ``min_size`` is not used), ``"none"`` or an ``Augmentation``.
+        augmentation_options: arguments of the named preset, e.g. ``{"target_size": 512}`` for
+            ``"lsj"`` or ``{"min_sizes": (320, 352)}`` for ``"multiscale"``.
 
     The :class:`CocoSource` (category mapping, class names) is attached as ``.coco_source``
     (and ``.source``, the name the synthetic dataset uses too); it is lost by further
@@ -140,6 +150,8 @@ def coco_dataset(
         seed=seed,
         num_parallel_calls=num_parallel_calls,
         drop_remainder=drop_remainder,
+        augmentation=augmentation,
+        augmentation_options=augmentation_options,
     )
     dataset.coco_source = dataset.source = source
     return dataset

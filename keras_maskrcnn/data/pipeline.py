@@ -1,19 +1,21 @@
 """The ``tf.data`` pipeline shared by the COCO and the synthetic datasets.
 
 :func:`build_dataset` turns any per-index example loader into batches of the element structure
-documented in :mod:`keras_maskrcnn.data.coco`: it loads in parallel, flips (training), resizes
-and pads with :mod:`keras_maskrcnn.transform` (the same rules as the model, ``predict_images``
-and export), pads the instance axis and batches.
+documented in :mod:`keras_maskrcnn.data.coco`: it loads in parallel, augments training images
+(:mod:`keras_maskrcnn.data.augment`: flip, multi-scale or large-scale jitter, images, boxes and
+masks together), resizes evaluation images and pads with :mod:`keras_maskrcnn.transform` (the
+same rules as the model, ``predict_images`` and export), pads the instance axis and batches.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from keras_maskrcnn import transform
+from keras_maskrcnn.data import augment
 from keras_maskrcnn.data.masks import MASK_SIZE
 
 logger = logging.getLogger(__name__)
@@ -42,20 +44,42 @@ def _truncating(load: Callable[[int], Example], max_instances: Optional[int]) ->
     return wrapped
 
 
-def _flip(image: tf.Tensor, boxes: tf.Tensor, masks: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Horizontal flip of an ``[H, W, 3]`` image, its ``[n, 4]`` boxes and ``[n, N, N]`` coverage masks."""
-    width = tf.cast(tf.shape(image)[1], boxes.dtype)
-    x1, y1, x2, y2 = tf.unstack(boxes, axis=-1)
-    boxes = tf.stack([width - x2, y1, width - x1, y2], axis=-1)
-    return tf.reverse(image, [1]), boxes, tf.reverse(masks, [2])
-
-
 def _pad_instances(tensor: tf.Tensor, count: int) -> tf.Tensor:
     """Zero-pad the leading (instance) axis of ``tensor`` to exactly ``count`` rows."""
     rank = tensor.shape.rank
     paddings = [[0, count - tf.shape(tensor)[0]]] + [[0, 0]] * (rank - 1)
     padded = tf.pad(tensor, paddings)
     return tf.ensure_shape(padded, [count] + tensor.shape[1:].as_list())
+
+
+def _numpy_loader(load: Callable[[int], Example], mask_size: int) -> Callable:
+    """``load`` with its outputs cast to the dtypes and shapes ``tf.numpy_function`` declares."""
+
+    def load_numpy(index):
+        image, boxes, classes, masks, image_id = load(int(index))
+        return (
+            np.asarray(image, np.uint8),
+            np.asarray(boxes, np.float32).reshape(-1, 4),
+            np.asarray(classes, np.int32).reshape(-1),
+            np.asarray(masks, np.uint8).reshape(-1, mask_size, mask_size),
+            np.int64(image_id),
+        )
+
+    return load_numpy
+
+
+def _load_tensors(load_numpy: Callable, index: tf.Tensor, mask_size: int) -> Tuple[tf.Tensor, ...]:
+    """Run the loader in the graph: image, boxes, classes, masks and image id with static ranks."""
+    image, boxes, classes, masks, image_id = tf.numpy_function(
+        load_numpy, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False
+    )
+    return (
+        tf.ensure_shape(image, [None, None, 3]),
+        tf.ensure_shape(boxes, [None, 4]),
+        tf.ensure_shape(classes, [None]),
+        tf.ensure_shape(masks, [None, mask_size, mask_size]),
+        tf.ensure_shape(image_id, []),
+    )
 
 
 def build_dataset(
@@ -74,50 +98,38 @@ def build_dataset(
     seed: Optional[int] = None,
     num_parallel_calls: int = tf.data.AUTOTUNE,
     drop_remainder: bool = False,
+    augmentation: Union[str, augment.Augmentation, None] = "flip",
+    augmentation_options: Optional[Mapping[str, Any]] = None,
 ) -> tf.data.Dataset:
     """The ``tf.data`` pipeline behind :func:`~keras_maskrcnn.data.coco.coco_dataset` for any
     per-index example loader (arguments as there).
 
     ``load_example(index)`` returns :data:`Example` ``(image uint8 [H, W, 3], boxes float32
     [n, 4] original pixels, classes int32 [n], masks uint8 [n, N, N], image_id)``; it runs in
-    ``tf.numpy_function`` inside a parallel ``map``. Flips are decided by stateless random ops
+    ``tf.numpy_function`` inside a parallel ``map``. Training images go through ``augmentation``
+    (:func:`keras_maskrcnn.data.augment.get`: ``"flip"``, ``"multiscale"``, ``"lsj"``, ``"none"``
+    or an :class:`~keras_maskrcnn.data.augment.Augmentation`; ``augmentation_options`` go to the
+    preset), evaluation images only through the resize rule. Random draws are stateless ops
     seeded from ``Dataset.random(seed)``, so the output is reproducible given ``seed``.
     """
     if shuffle is None:
         shuffle = training
-    load = _truncating(load_example, max_instances)
-
-    def load_numpy(index):
-        image, boxes, classes, masks, image_id = load(int(index))
-        return (
-            np.asarray(image, np.uint8),
-            np.asarray(boxes, np.float32).reshape(-1, 4),
-            np.asarray(classes, np.int32).reshape(-1),
-            np.asarray(masks, np.uint8).reshape(-1, mask_size, mask_size),
-            np.int64(image_id),
-        )
+    load_numpy = _numpy_loader(_truncating(load_example, max_instances), mask_size)
+    augmentation = augment.get(
+        augmentation, min_size, max_size, flip_probability, **dict(augmentation_options or {})
+    )
 
     def prepare(index, random_seed):
-        image, boxes, classes, masks, image_id = tf.numpy_function(
-            load_numpy, [index], [tf.uint8, tf.float32, tf.int32, tf.uint8, tf.int64], stateful=False
-        )
-        image = tf.ensure_shape(image, [None, None, 3])
-        boxes = tf.ensure_shape(boxes, [None, 4])
-        classes = tf.ensure_shape(classes, [None])
-        masks = tf.ensure_shape(masks, [None, mask_size, mask_size])
-        image_id = tf.ensure_shape(image_id, [])
-        original_size = tf.shape(image)[:2]
-        if training and flip_probability > 0:
-            seed_pair = tf.stack([random_seed, tf.constant(0, tf.int64)])
-            flip = tf.random.stateless_uniform([], seed=seed_pair) < flip_probability
-            image, boxes, masks = tf.cond(
-                flip, lambda: _flip(image, boxes, masks), lambda: (image, boxes, masks)
-            )
-        image, scale = transform.resize_image(image, min_size, max_size)
-        boxes = transform.boxes_to_resized(boxes, scale)
-        inputs = {"images": transform.pad_to_multiple(image, size_divisible), "image_sizes": tf.shape(image)[:2]}
-        if not training:
-            inputs.update(image_ids=image_id, original_sizes=original_size, scales=scale)
+        image, boxes, classes, masks, image_id = _load_tensors(load_numpy, index, mask_size)
+        if training:
+            image, boxes, classes, masks = augmentation(image, boxes, classes, masks, random_seed)
+            inputs = {}
+        else:
+            original_size = tf.shape(image)[:2]
+            image, scale = transform.resize_image(image, min_size, max_size)
+            boxes = transform.boxes_to_resized(boxes, scale)
+            inputs = {"image_ids": image_id, "original_sizes": original_size, "scales": scale}
+        inputs.update(images=transform.pad_to_multiple(image, size_divisible), image_sizes=tf.shape(image)[:2])
         if max_instances is not None:
             boxes, classes, masks = (_pad_instances(t, max_instances) for t in (boxes, classes, masks))
         return inputs, {"boxes": boxes, "classes": classes, "masks": masks}
