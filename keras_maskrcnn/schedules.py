@@ -95,9 +95,12 @@ def learning_rate_schedule(
                 raise ValueError("The 'step' schedule needs decay_steps or total_steps.")
             decay_steps = [int(total_steps * 2 / 3), int(total_steps * 8 / 9)]
         # PiecewiseConstantDecay switches after a boundary: `s - 1` makes step `s` the first decayed.
-        boundaries = sorted({int(s) - 1 for s in decay_steps if int(s) > 0})
+        # Decays that fall on one step (a short run of a recipe) multiply there.
+        steps = [int(s) for s in decay_steps if int(s) > 0]
+        boundaries = sorted({s - 1 for s in steps})
         if boundaries:
-            values = [float(learning_rate) * decay_factor**i for i in range(len(boundaries) + 1)]
+            exponents = [0] + [sum(1 for s in steps if s - 1 <= b) for b in boundaries]
+            values = [float(learning_rate) * decay_factor**e for e in exponents]
             lr = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     elif schedule == "cosine":
         if not total_steps or total_steps < 1:
