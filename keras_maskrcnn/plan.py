@@ -10,9 +10,14 @@
   (frozen batch norm, three trainable stages). Without weights, the small preset
   (:func:`keras_maskrcnn.presets.small_model_config`: ResNet-18, trainable batch norm, narrow
   heads) at the data's size: a ResNet-50 from scratch learns nothing in the time a CPU has.
-* **Recipe**: with weights, torchvision's (SGD momentum 0.9, lr 0.02 per 16 images, warmup, step
-  decay). Without, the from-scratch recipe of ``benchmarks/train_synthetic.py`` (AdamW, lr
-  scaled from 2e-3 at batch 8, cosine decay to 0 over the run, short warmup, gradient clipping).
+* **Recipe**: with weights, torchvision's schedule (SGD momentum 0.9, lr 0.02 per 16 images,
+  warmup, step decay) with Keras' decoupled weight decay (``"sgd"``; torchvision's coupled L2 is
+  the ``torchvision_v1`` recipe's ``"sgd_l2"``). Without, the from-scratch recipe of
+  ``benchmarks/train_synthetic.py`` (AdamW, lr scaled from 2e-3 at batch 8, cosine decay to 0
+  over the run, short warmup, gradient clipping). A named recipe (``recipe=``,
+  :mod:`keras_maskrcnn.recipes`: ``torchvision_v1``, ``lsj``, ``lsj_detectron2``) replaces these
+  rules with a published run's model layout, optimizer, schedule, augmentation and batch-norm
+  synchronisation, the learning rate scaled linearly with the batch.
 * **Batch**: 2 images at large sizes (torchvision's per-GPU batch), more for small images
   (trainable batch norm needs several images per batch): about 256 x 256 x 8 pixels.
 * **Precision**: ``"auto"`` (:mod:`keras_maskrcnn.precision`).
@@ -36,6 +41,7 @@ from keras_maskrcnn import presets, transform
 from keras_maskrcnn.callbacks import EpochTimeEstimate  # noqa: F401  (re-exported: it was defined here)
 from keras_maskrcnn.optimizers import build_optimizer
 from keras_maskrcnn.precision import resolve_policy
+from keras_maskrcnn.recipes import Recipe, augmentation_options, augmentation_supported, check_augmentation, get_recipe
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -43,6 +49,7 @@ TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = transform.MIN_SIZE, transform.MAX_S
 # Pixels per batch the plan aims at (8 images of 256 x 256), and the batch size range.
 BATCH_PIXELS = 8 * 256 * 256
 MAX_AUTO_BATCH = 8
+DEFAULT_EPOCHS = 12  # without a recipe
 
 
 @dataclasses.dataclass
@@ -64,6 +71,12 @@ class TrainingPlan:
     clipnorm: Optional[float]
     momentum: float = 0.9
     decay_steps: Optional[Sequence[int]] = None
+    warmup_factor: float = 0.001
+    norm_weight_decay: Optional[float] = None
+    recipe: Optional[Recipe] = None
+    augmentation: Optional[str] = None  # None: the pipeline's default (flip)
+    augmentation_options: Optional[Dict[str, Any]] = None
+    sync_batch_norm: bool = False
 
     @property
     def min_size(self) -> int:
@@ -81,10 +94,14 @@ class TrainingPlan:
         """The planned :class:`~keras_maskrcnn.MaskRCNN` for ``num_classes`` classes, its backbone
         initialised from ``backbone_weights`` (a torchvision ResNet state dict, ``.safetensors`` or
         ``.npz``, keys plain or under ``backbone.body.``) when given. For distributed training,
-        call it inside ``strategy.scope()``."""
+        call it inside ``strategy.scope()``. With ``sync_batch_norm`` its batch norm layers are
+        synchronized (:func:`keras_maskrcnn.layers.norm.synchronize_batch_norm`)."""
+        from keras_maskrcnn.layers.norm import synchronize_batch_norm
         from keras_maskrcnn.model import MaskRCNN
 
         model = MaskRCNN(num_classes=num_classes, **self.model_config)
+        if self.sync_batch_norm:
+            synchronize_batch_norm(model)
         if backbone_weights:
             from keras_maskrcnn.convert import load_torchvision_resnet, read_state_dict
 
@@ -96,7 +113,13 @@ class TrainingPlan:
     def build_dataset(self, data: Any, model: keras.Model, repeat: bool = False, seed: Optional[int] = None):
         """The training pipeline of ``data`` (a :class:`~keras_maskrcnn.training_data.TrainingData`)
         at the planned image size and batch size, with ``model``'s padding and mask size;
-        ``repeat`` for a fixed number of steps per epoch."""
+        ``repeat`` for a fixed number of steps per epoch; ``augmentation`` (with its options) goes to
+        the pipeline (``ValueError`` if it does not offer it)."""
+        augment = {}
+        if self.augmentation is not None:
+            check_augmentation(self.augmentation)
+            if augmentation_supported():
+                augment = dict(augmentation=self.augmentation, augmentation_options=self.augmentation_options)
         return data.dataset(
             self.batch_size,
             min_size=self.min_size,
@@ -106,6 +129,7 @@ class TrainingPlan:
             repeat=repeat,
             seed=seed,
             drop_remainder=data.num_images >= self.batch_size,
+            **augment,
         )
 
     def build_optimizer(self) -> keras.optimizers.Optimizer:
@@ -117,17 +141,27 @@ class TrainingPlan:
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             warmup_steps=min(self.warmup_steps, self.steps_per_epoch),
+            warmup_factor=self.warmup_factor,
             schedule=self.schedule,
             total_steps=self.total_steps,
             decay_steps=self.decay_steps,
             clipnorm=self.clipnorm,
+            norm_weight_decay=self.norm_weight_decay,
         )
 
     def describe(self) -> str:
-        """A few lines for the user: the model, image size, precision and the schedule."""
+        """A few lines for the user: the recipe, model, image size, precision and the schedule."""
         clip = f", gradient norm clipped at {self.clipnorm:g}" if self.clipnorm else ""
-        return "\n".join([
-            "Training plan:",
+        recipe = [f"  recipe     {self.recipe.describe()}"] if self.recipe else []
+        extras = []
+        if self.augmentation:
+            extras.append(f"{self.augmentation} augmentation{_options_text(self.augmentation_options)}")
+        extras += ["synchronized batch norm"] if self.sync_batch_norm else []
+        if self.decay_steps and self.schedule == "step":
+            extras.append("decay at steps " + ", ".join(str(s) for s in self.decay_steps))
+        if self.norm_weight_decay is not None:
+            extras.append(f"norm weight decay {self.norm_weight_decay:g}")
+        return "\n".join(["Training plan:"] + recipe + [
             f"  model      {self.model_name}",
             f"  images     short side {self.min_size}, long side at most {self.max_size} px",
             f"  precision  {self.precision}",
@@ -135,7 +169,18 @@ class TrainingPlan:
             f"({self.total_steps} steps)",
             f"  optimizer  {self.optimizer}, lr {self.learning_rate:g}, {self.schedule} schedule after "
             f"{min(self.warmup_steps, self.steps_per_epoch)} warmup steps, weight decay {self.weight_decay:g}{clip}",
-        ])
+        ] + ([f"  training   {'; '.join(extras)}"] if extras else []))
+
+
+def _options_text(options: Optional[Dict[str, Any]]) -> str:
+    """`` (short side 480-800)`` / `` (1024 x 1024 frame)`` for the plan printout."""
+    if not options:
+        return ""
+    if "min_sizes" in options:
+        return f" (short side {min(options['min_sizes'])}-{max(options['min_sizes'])})"
+    if "target_size" in options:
+        return f" ({options['target_size']} x {options['target_size']} frame)"
+    return f" {options}"
 
 
 def image_size_for(image_sizes: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
@@ -165,7 +210,7 @@ def batch_size_for(min_size: int, max_size: int) -> int:
 def plan_training(
     image_sizes: Sequence[Tuple[int, int]],
     num_images: int,
-    epochs: int,
+    epochs: Optional[int],
     pretrained: bool,
     backbone: Optional[str] = None,
     min_size: Optional[int] = None,
@@ -179,24 +224,90 @@ def plan_training(
     warmup_steps: Optional[int] = None,
     weight_decay: Optional[float] = None,
     clipnorm: Optional[float] = None,
-    momentum: float = 0.9,
-    decay_epochs: Optional[Sequence[int]] = None,
+    momentum: Optional[float] = None,
+    decay_epochs: Optional[Sequence[float]] = None,
     trainable_backbone_layers: Optional[int] = None,
     backbone_norm: Optional[str] = None,
+    recipe: Union[str, Recipe, None] = None,
+    augmentation: Optional[str] = None,
+    sync_batch_norm: Optional[bool] = None,
+    norm_weight_decay: Optional[float] = None,
 ) -> TrainingPlan:
     """The plan for training on ``num_images`` images of ``image_sizes`` for ``epochs`` epochs.
 
-    Every argument left ``None`` is chosen by the rules of the module docstring; ``pretrained``
-    says whether backbone weights will be loaded. ``precision="auto"`` is resolved here (logged).
+    Every argument left ``None`` is chosen by the rules of the module docstring, or by ``recipe``
+    (a :mod:`keras_maskrcnn.recipes` name or :class:`~keras_maskrcnn.recipes.Recipe`) when one is
+    given; ``epochs=None`` is the recipe's (12 without one). ``pretrained`` says whether backbone
+    weights will be loaded. ``augmentation`` names a data-pipeline preset (``ValueError`` if the
+    pipeline does not offer it); ``momentum`` defaults to 0.9. ``precision="auto"`` is resolved
+    here (logged).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    recipe = None if recipe is None else get_recipe(recipe)
+    epochs = epochs or (recipe.epochs if recipe else DEFAULT_EPOCHS)
+    min_size, max_size = _image_size(image_sizes, min_size, max_size)
+    model_name, config = _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm,
+                                trainable_backbone_layers)
+    augmentation = augmentation or (recipe.augmentation if recipe else None)
+    if augmentation is not None:
+        check_augmentation(augmentation)
+    options = augmentation_options(augmentation, min_size, recipe)
+    frame = options["target_size"] if augmentation == "lsj" else None  # every LSJ image is this square
+    batch_size = batch_size or (batch_size_for(frame, frame) if frame else batch_size_for(min_size, max_size))
+    steps = steps_per_epoch or steps_per_epoch_for(num_images, batch_size)  # full batches: the pipeline drops the rest
+    optimizer, defaults = _optimizer_defaults(optimizer, pretrained, batch_size, steps, recipe)
+    if norm_weight_decay is not None and optimizer != "sgd_l2":
+        raise ValueError(f"norm_weight_decay needs optimizer 'sgd_l2', not {optimizer!r}.")
+    schedule = schedule or defaults["schedule"]
+    if decay_epochs is None and recipe is not None and schedule == "step":
+        decay_epochs = recipe.decay_epochs_for(epochs)
+    return TrainingPlan(
+        model_name=model_name,
+        model_config=config,
+        precision=resolve_policy(precision),
+        batch_size=batch_size,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        optimizer=optimizer,
+        learning_rate=learning_rate or defaults["learning_rate"],
+        schedule=schedule,
+        warmup_steps=defaults["warmup"] if warmup_steps is None else warmup_steps,
+        weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
+        clipnorm=defaults["clipnorm"] if clipnorm is None else (clipnorm or None),
+        momentum=defaults["momentum"] if momentum is None else momentum,
+        decay_steps=[max(1, round(e * steps)) for e in decay_epochs] if decay_epochs else None,
+        warmup_factor=defaults["warmup_factor"],
+        norm_weight_decay=defaults["norm_weight_decay"] if norm_weight_decay is None else norm_weight_decay,
+        recipe=recipe,
+        augmentation=augmentation,
+        augmentation_options=options,
+        sync_batch_norm=bool(recipe and recipe.sync_batch_norm) if sync_batch_norm is None else sync_batch_norm,
+    )
+
+
+def _image_size(image_sizes, min_size, max_size) -> Tuple[int, int]:
+    """``(min_size, max_size)``: the user's, else the data's (:func:`image_size_for`: never enlarging)."""
     auto_min, auto_max = image_size_for(image_sizes)
     if min_size is None:
         min_size = auto_min if max_size is None else min(auto_min, max_size)
     if max_size is None:
         max_size = max(auto_max, min_size)
-    if pretrained or (backbone not in (None, "resnet18")):
+    return min_size, max_size
+
+
+def _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm, trainable_backbone_layers):
+    """``(description, MaskRCNN arguments)``: the recipe's layout, torchvision's with weights or a
+    backbone other than resnet18, else the small preset; norm and trainable stages by
+    torchvision's rule unless the user or the recipe says."""
+    if recipe is not None:
+        name = backbone or "resnet50"
+        config = recipe.model_config(name, min_size, max_size)
+        model_name = f"{name} FPN (torchvision's {recipe.model[-2:]} configuration)"
+        backbone_norm = backbone_norm or recipe.backbone_norm
+        if trainable_backbone_layers is None:
+            trainable_backbone_layers = recipe.trainable_backbone_layers
+    elif pretrained or (backbone not in (None, "resnet18")):
         name = backbone or "resnet50"
         config = presets.torchvision_maskrcnn_resnet50_fpn_config(backbone=name, min_size=min_size, max_size=max_size)
         model_name = f"{name} FPN (torchvision's configuration)"
@@ -209,31 +320,27 @@ def plan_training(
         trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)
     )
     model_name += f", {config['backbone_norm']}, {config['trainable_backbone_layers']} trainable stages"
-    batch_size = batch_size or batch_size_for(min_size, max_size)
-    steps = steps_per_epoch or steps_per_epoch_for(num_images, batch_size)  # full batches, as the pipeline drops the rest
+    return model_name, config
+
+
+def _optimizer_defaults(optimizer, pretrained, batch_size, steps, recipe) -> Tuple[str, Dict[str, Any]]:
+    """The optimizer's name and the defaults of its recipe: the named recipe's (for its own
+    optimizer or plain ``"sgd"``), torchvision's schedule for SGD, the from-scratch recipe for AdamW."""
+    common = dict(momentum=0.9, warmup_factor=0.001, norm_weight_decay=None)
+    if recipe is not None and optimizer in (None, recipe.optimizer, "sgd"):
+        optimizer = optimizer or recipe.optimizer
+        return optimizer, dict(
+            learning_rate=recipe.learning_rate_for(batch_size), schedule="step", warmup=recipe.warmup_steps,
+            warmup_factor=recipe.warmup_factor, weight_decay=recipe.weight_decay, clipnorm=None,
+            momentum=recipe.momentum, norm_weight_decay=recipe.norm_weight_decay if optimizer == "sgd_l2" else None,
+        )
     optimizer = optimizer or ("sgd" if pretrained else "adamw")
     if optimizer == "adamw":
-        default_lr = 2e-3 * math.sqrt(batch_size / 8)  # the synthetic benchmark's best, sqrt-scaled
-        defaults = dict(schedule="cosine", warmup=min(100, steps), weight_decay=1e-4, clipnorm=10.0)
-    else:
-        default_lr = 0.02 * batch_size / 16  # torchvision: 0.02 for 16 images, linear scaling
-        defaults = dict(schedule="step", warmup=1000, weight_decay=1e-4, clipnorm=None)
-    return TrainingPlan(
-        model_name=model_name,
-        model_config=config,
-        precision=resolve_policy(precision),
-        batch_size=batch_size,
-        epochs=epochs,
-        steps_per_epoch=steps,
-        optimizer=optimizer,
-        learning_rate=learning_rate or default_lr,
-        schedule=schedule or defaults["schedule"],
-        warmup_steps=defaults["warmup"] if warmup_steps is None else warmup_steps,
-        weight_decay=defaults["weight_decay"] if weight_decay is None else weight_decay,
-        clipnorm=defaults["clipnorm"] if clipnorm is None else (clipnorm or None),
-        momentum=momentum,
-        decay_steps=[e * steps for e in decay_epochs] if decay_epochs else None,
-    )
+        lr = 2e-3 * math.sqrt(batch_size / 8)  # the synthetic benchmark's best, sqrt-scaled
+        return optimizer, dict(common, learning_rate=lr, schedule="cosine", warmup=min(100, steps),
+                               weight_decay=1e-4, clipnorm=10.0)
+    lr = 0.02 * batch_size / 16  # torchvision: 0.02 for 16 images, linear scaling
+    return optimizer, dict(common, learning_rate=lr, schedule="step", warmup=1000, weight_decay=1e-4, clipnorm=None)
 
 
 def coco_image_sizes(source) -> list:

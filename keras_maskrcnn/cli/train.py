@@ -28,6 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_model_options(parser)
     _add_run_options(parser)
     _add_optimizer_options(parser)
+    _add_recipe_options(parser)
     return parser
 
 
@@ -87,8 +88,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """The output folder, length, resuming, seeding and distribution."""
     run = parser.add_argument_group("run")
     run.add_argument("--output", metavar="DIR", required=True, help="output folder (required)")
-    run.add_argument("--epochs", metavar="N", type=positive_int, default=12,
-                     help="epochs to train (in total, when resuming)")
+    run.add_argument("--epochs", metavar="N", type=positive_int,
+                     help="epochs to train (in total, when resuming; default: the --recipe's, else 12)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in OUTPUT: from OUTPUT/backup if it was interrupted, "
                      "else from the newest checkpoint")
@@ -114,10 +115,11 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
                        help="batches per epoch (the data repeats as needed); default: one pass over the data")
     optim.add_argument("--batch-size", metavar="N", type=positive_int,
                        help="images per batch (default: 2 at large sizes, up to 8 for small images)")
-    optim.add_argument("--optimizer", choices=("sgd", "adamw"),
-                       help="SGD with momentum (torchvision's recipe, for fine-tuning) or AdamW "
-                       "(converges much faster when training from scratch; default: sgd with "
-                       "--backbone-weights, else adamw)")
+    optim.add_argument("--optimizer", choices=("sgd", "sgd_l2", "adamw"),
+                       help="sgd: Keras' SGD with momentum and decoupled weight decay (for fine-tuning); "
+                       "sgd_l2: torch.optim.SGD's update, weight decay as an L2 gradient through the momentum "
+                       "(torchvision's recipes); adamw: converges much faster when training from scratch "
+                       "(default: the --recipe's; else sgd with --backbone-weights, adamw without)")
     optim.add_argument("--lr", metavar="LR", type=float,
                        help="base learning rate (default: SGD 0.02 * batch size / 16, torchvision's "
                        "recipe; AdamW 2e-3 * sqrt(batch size / 8))")
@@ -127,13 +129,37 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr-decay-epochs", metavar="E", type=positive_int, nargs="+",
                        help="epochs after which the step schedule multiplies the rate by 0.1 "
                        "(default: at 2/3 and 8/9 of training)")
-    optim.add_argument("--momentum", metavar="M", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", metavar="WD", type=float, help="weight decay (0: none; default: 1e-4)")
+    optim.add_argument("--momentum", metavar="M", type=float, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight-decay", metavar="WD", type=float,
+                       help="weight decay (0: none; default: the --recipe's, else 1e-4)")
+    optim.add_argument("--norm-weight-decay", metavar="WD", type=float,
+                       help="sgd_l2 only: weight decay of the batch norm parameters (default: the --recipe's, "
+                       "else --weight-decay)")
     optim.add_argument("--warmup-steps", metavar="N", type=non_negative_int,
                        help="steps of linear warmup from 0.001 * LR (at most one epoch; default: 1000 for sgd, "
                        "100 for adamw)")
     optim.add_argument("--clipnorm", metavar="X", type=float,
                        help="clip the global gradient norm to X (0: no clipping; default: none for sgd, 10 for adamw)")
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """A published recipe, and the training options it sets that have no other flag."""
+    from keras_maskrcnn.recipes import RECIPES
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument(
+        "--recipe", choices=sorted(RECIPES),
+        help="a published training recipe (keras_maskrcnn.recipes): torchvision_v1 (SGD + L2 1e-4, lr 0.02 per "
+        "16 images, 26 epochs, decay after 16 and 22, multi-scale); lsj (torchvision v2: large-scale jitter "
+        "at 1024, synchronized batch norm, lr 0.1 per 64 images, L2 4e-5, 400 epochs); lsj_detectron2 "
+        "(detectron2's 100-epoch LSJ baseline). The learning rate scales with --batch-size; options given "
+        "explicitly win",
+    )
+    recipe.add_argument("--augmentation", choices=("flip", "multiscale", "lsj", "none"),
+                        help="training augmentation of the data pipeline (default: the --recipe's, else flip)")
+    recipe.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction,
+                        help="batch norm statistics over all replicas of --strategy (default: the --recipe's, "
+                        "else off)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +210,8 @@ def _plan(args: argparse.Namespace, data: Any):
         learning_rate=args.lr, schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, clipnorm=args.clipnorm, momentum=args.momentum,
         decay_epochs=args.lr_decay_epochs, trainable_backbone_layers=args.trainable_backbone_layers,
-        backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm,
+        backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm, recipe=args.recipe,
+        augmentation=args.augmentation, sync_batch_norm=args.sync_batch_norm, norm_weight_decay=args.norm_weight_decay,
     )
 
 
@@ -212,7 +239,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     keras.utils.set_random_seed(args.seed)
     data, val_annotations, val_images = _data(args)
-    plan = _plan(args, data)
+    plan = _plan(args, data)  # ValueError (exit status 1): e.g. an augmentation the pipeline does not offer
     if plan.batch_size % replicas:
         raise CommandError(
             f"--batch-size {plan.batch_size} is not a multiple of the {replicas} replicas of --strategy {args.strategy}"
@@ -231,10 +258,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model,
         dataset,
         args.output,
-        epochs=args.epochs,
+        epochs=plan.epochs,
         optimizer=optimizer,
         steps_per_epoch=args.steps_per_epoch,
-        callbacks=[EpochTimeEstimate(plan.steps_per_epoch, args.epochs)] if chief else (),
+        callbacks=[EpochTimeEstimate(plan.steps_per_epoch, plan.epochs)] if chief else (),
         val_annotations=val_annotations,
         val_images=val_images,
         eval_every=args.eval_every,
