@@ -38,8 +38,12 @@ value: a non-finite loss stops all of them at the same step.
 What stays per replica: proposal generation, NMS, anchor/RoI matching and the random
 positive/negative sampling (each replica samples from its own images; with a fixed
 ``*_batch_size_per_image`` per image, the sampled set has the same distribution as on one
-device). Trainable batch normalisation (``backbone_norm="batch_norm"``) computes its statistics
-per replica, as ``keras.layers.BatchNormalization`` does by default.
+device). Trainable batch normalisation (``backbone_norm="batch_norm"``, ``fpn_norm``, ``head_norm``)
+computes its statistics per replica, as ``keras.layers.BatchNormalization`` does by default, unless
+it is synchronized (``synchronized=True``: :func:`keras_maskrcnn.layers.norm.synchronize_batch_norm`,
+used by the ``lsj`` recipes), which gives global-batch statistics. Per-replica moving statistics
+drift apart between replicas (each writes its own copy; saving reads replica 0's); synchronized
+ones stay equal.
 
 Keras 3 workarounds for ``MultiWorkerMirroredStrategy`` (both needed for ``fit`` to run at all):
 :func:`fit_scope` skips Keras' pre-fit symbolic build, which cannot reduce dict batches over
