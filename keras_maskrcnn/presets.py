@@ -9,8 +9,10 @@ def small_model_config(image_size: int = 256) -> Dict[str, Any]:
     """A small, fast Mask R-CNN for small images and training from scratch on a CPU.
 
     ResNet-18 with trainable batch norm, a 64-channel FPN, anchors one octave smaller than COCO's,
-    fewer proposals, 64 sampled RoIs per image and a mask head of two 64-channel convolutions.
-    Images are used at ``image_size`` (short and long side).
+    fewer proposals, 64 sampled RoIs per image and a mask head of two 64-channel convolutions;
+    batch norm in the FPN and the mask head as well (torchvision's v2 layout), which trained from
+    scratch to a higher held-out AP in the same steps (segm AP50 0.36 vs 0.31 after 400 steps of
+    batch 4 at 160 px; BENCHMARKS.md). Images are used at ``image_size`` (short and long side).
 
     The narrow heads are what makes float32 training affordable where bfloat16 is not native:
     at 256 x 256, batch 8, a training step costs 4.3 CPU-seconds against 9.2 with torchvision's
@@ -21,6 +23,8 @@ def small_model_config(image_size: int = 256) -> Dict[str, Any]:
         backbone_norm="batch_norm",
         trainable_backbone_layers=5,
         fpn_channels=64,
+        fpn_norm="batch_norm",
+        head_norm="batch_norm",
         representation_size=256,
         mask_head_channels=64,
         mask_head_convs=2,
