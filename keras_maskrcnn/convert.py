@@ -5,14 +5,16 @@ A state dict is a mapping ``name -> array`` (numpy arrays or torch tensors), or 
 file. Loading is all-or-nothing: every missing key, unexpected key and shape mismatch is
 collected and reported in one ``ValueError`` before any variable is written.
 
-* :func:`from_torchvision`: a whole torchvision ``maskrcnn_resnet50_fpn`` (or another ResNet-FPN
-  Mask R-CNN built the same way) as a :class:`~keras_maskrcnn.MaskRCNN`, optionally with new
+* :func:`from_torchvision`: a whole torchvision ``maskrcnn_resnet50_fpn`` or ``maskrcnn_resnet50_fpn_v2``
+  (or another ResNet-FPN Mask R-CNN built from their modules; the layout is read off the keys,
+  :mod:`keras_maskrcnn.convert_v2`) as a :class:`~keras_maskrcnn.MaskRCNN`, optionally with new
   class-dependent predictors for fine-tuning to another number of classes.
 * :func:`convert_checkpoint`: the same, written to a ``.keras`` or ``.weights.h5`` file.
 * :func:`load_torchvision_resnet`: an ImageNet ResNet / ResNeXt into a backbone alone.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
@@ -26,6 +28,7 @@ from keras_maskrcnn.state_dicts import canonical_keys, read_state_dict, to_numpy
 if TYPE_CHECKING:
     from keras_maskrcnn.model import MaskRCNN
 
+logger = logging.getLogger("keras_maskrcnn")
 StateDict = Union[Mapping[str, Any], str, "os.PathLike[str]"]
 
 # One target: the Keras variable and how a PyTorch array becomes its value.
@@ -206,30 +209,21 @@ def _conv_transpose_targets(module_path: str, layer: keras.layers.Conv2DTranspos
 
 
 def maskrcnn_targets(model: "MaskRCNN") -> dict[str, Target]:
-    """Current torchvision state dict keys of ``maskrcnn_resnet50_fpn`` and the variables they fill."""
+    """Current torchvision state dict keys of ``model``'s layout (``maskrcnn_resnet50_fpn``,
+    ``maskrcnn_resnet50_fpn_v2`` or a mix of their options) and the variables they fill."""
+    from keras_maskrcnn.convert_v2 import neck_and_head_targets
+
     if not isinstance(model.backbone, ResNet):
         raise TypeError(f"torchvision weights need a named ResNet backbone, not {type(model.backbone).__name__}.")
     if not model.built:
         model.build()
     targets = _resnet_targets(model.backbone, prefix="backbone.body.")
-    for i, conv in enumerate(model.fpn.lateral_convs):
-        targets.update(layer_targets(f"backbone.fpn.inner_blocks.{i}.0", conv))
-    for i, conv in enumerate(model.fpn.output_convs):
-        targets.update(layer_targets(f"backbone.fpn.layer_blocks.{i}.0", conv))
-    head = model.rpn_head
-    targets.update(layer_targets("rpn.head.conv.0.0", head.conv))
-    targets.update(layer_targets("rpn.head.cls_logits", head.cls_logits))
-    targets.update(layer_targets("rpn.head.bbox_pred", head.bbox_pred))
-    box = model.box_head
-    size = model.box_roi_size
-    targets["roi_heads.box_head.fc6.weight"] = (box.fc6.kernel, chw_dense_kernel(model.fpn_channels, size, size))
-    targets["roi_heads.box_head.fc6.bias"] = (box.fc6.bias, identity)
-    targets.update(layer_targets("roi_heads.box_head.fc7", box.fc7))
+    targets.update(neck_and_head_targets(model))  # FPN, RPN and RoI head convs, FC layers, norms
+    targets.update(layer_targets("rpn.head.cls_logits", model.rpn_head.cls_logits))
+    targets.update(layer_targets("rpn.head.bbox_pred", model.rpn_head.bbox_pred))
+    box, mask = model.box_head, model.mask_head
     targets.update(layer_targets("roi_heads.box_predictor.cls_score", box.cls_score))
     targets.update(layer_targets("roi_heads.box_predictor.bbox_pred", box.bbox_pred))
-    mask = model.mask_head
-    for i, conv in enumerate(mask.convs):
-        targets.update(layer_targets(f"roi_heads.mask_head.{i}.0", conv))
     targets.update(_conv_transpose_targets("roi_heads.mask_predictor.conv5_mask", mask.upsample))
     targets.update(layer_targets("roi_heads.mask_predictor.mask_fcn_logits", mask.logits))
     return targets
@@ -272,11 +266,15 @@ def _shape(value: Any) -> tuple:
 
 
 def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``MaskRCNN`` arguments read off a (canonical-key) torchvision state dict's shapes.
+    """``MaskRCNN`` arguments read off a (canonical-key) torchvision state dict's names and shapes.
 
-    ``backbone`` (from the ResNet's blocks per stage and group width), ``fpn_channels`` and
-    ``representation_size``; entries whose keys are absent are left out.
+    ``backbone`` (from the ResNet's blocks per stage and group width), ``fpn_channels``, and the
+    layout (:func:`keras_maskrcnn.convert_v2.infer_layout`; for v2 the entries of
+    :func:`~keras_maskrcnn.presets.torchvision_maskrcnn_resnet50_fpn_v2_config`); entries whose keys
+    are absent are left out.
     """
+    from keras_maskrcnn.convert_v2 import infer_layout
+
     config: dict[str, Any] = {}
     prefix = "backbone.body."
     blocks = []
@@ -308,8 +306,7 @@ def infer_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             )
     if "backbone.fpn.inner_blocks.0.0.weight" in state_dict:
         config["fpn_channels"] = _shape(state_dict["backbone.fpn.inner_blocks.0.0.weight"])[0]
-    if "roi_heads.box_head.fc6.weight" in state_dict:
-        config["representation_size"] = _shape(state_dict["roi_heads.box_head.fc6.weight"])[0]
+    config.update(infer_layout(state_dict))
     return config
 
 
@@ -317,15 +314,18 @@ def from_torchvision(
     state_dict: StateDict,
     num_classes: Optional[int] = None,
     reset_heads: Optional[bool] = None,
+    verbose: bool = True,
     **model_kwargs: Any,
 ) -> "MaskRCNN":
     """A :class:`~keras_maskrcnn.MaskRCNN` holding torchvision Mask R-CNN weights.
 
     Args:
-        state_dict: torchvision ``maskrcnn_resnet50_fpn`` weights: a mapping ``name -> array``
-            (numpy or torch; e.g. ``model.state_dict()``) or a ``.pth`` / ``.safetensors`` / ``.npz``
-            file such as the published ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``. Both the
-            published file's key names and current torchvision's are accepted.
+        state_dict: torchvision ``maskrcnn_resnet50_fpn`` or ``maskrcnn_resnet50_fpn_v2`` weights: a
+            mapping ``name -> array`` (numpy or torch; e.g. ``model.state_dict()``) or a ``.pth`` /
+            ``.safetensors`` / ``.npz`` file such as the published ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``
+            or ``maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth``. Both the published files' key names
+            and current torchvision's are accepted. The layout (v1 or v2) is read off the keys and
+            logged (``keras_maskrcnn`` logger, INFO; printed too with ``verbose``).
         num_classes: object classes, background excluded (torchvision's ``num_classes - 1``:
             90 for COCO, whose class ids are then torchvision's labels, i.e. COCO category ids).
             Default: read from ``roi_heads.box_predictor.cls_score.weight``.
@@ -333,9 +333,10 @@ def from_torchvision(
             ``mask_fcn_logits``) instead of loading them, keeping the backbone, FPN, RPN and the
             shared box and mask head layers: fine-tuning to new classes. Default: only when
             ``num_classes`` differs from the checkpoint's.
+        verbose: print the layout found.
         **model_kwargs: further ``MaskRCNN`` arguments (``min_size``, ``box_score_threshold``,
-            ``mask_output``...). Defaults: :func:`~keras_maskrcnn.presets.torchvision_maskrcnn_resnet50_fpn_config`,
-            with ``backbone``, ``fpn_channels`` and ``representation_size`` read off the weights.
+            ``mask_output``...). Defaults: :func:`~keras_maskrcnn.presets.torchvision_maskrcnn_resnet50_fpn_config`
+            (v1) or ``..._v2_config`` (v2), with :func:`infer_architecture`'s entries read off the weights.
 
     Raises:
         ValueError: listing all missing keys, unexpected keys and shape mismatches at once.
@@ -346,10 +347,11 @@ def from_torchvision(
     model = from_torchvision("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")  # COCO, 90 classes
     results = model.predict_images([image])  # preprocessed exactly as torchvision does
     finetune = from_torchvision("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", num_classes=3)
+    v2 = from_torchvision("maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth")  # v2's layout, read off the keys
     ```
     """
+    from keras_maskrcnn.convert_v2 import describe_layout, layout_preset
     from keras_maskrcnn.model import MaskRCNN
-    from keras_maskrcnn.presets import torchvision_maskrcnn_resnet50_fpn_config
 
     raw = read_state_dict(state_dict)
     state, _ = canonical_keys(raw)
@@ -360,8 +362,12 @@ def from_torchvision(
         num_classes = checkpoint_classes
     if reset_heads is None:
         reset_heads = checkpoint_classes is not None and num_classes != checkpoint_classes
-    config = torchvision_maskrcnn_resnet50_fpn_config()
-    config.update(infer_architecture(state))
+    inferred = infer_architecture(state)
+    config = {**layout_preset(inferred), **inferred}
+    message = f"from_torchvision: found {describe_layout(config)}."
+    logger.info(message)
+    if verbose:
+        print(message)
     config.update(model_kwargs)
     model = MaskRCNN(num_classes=num_classes, **config)
     model.build()

@@ -230,15 +230,11 @@ def test_files(state, loaded, tmp_path):
         read_state_dict(tmp_path / "absent.pth")
 
 
-def test_pth_without_torch_says_so(tmp_path):
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("torch is installed here")
+def test_pth_is_read_without_torch_and_a_non_zip_file_is_refused(tmp_path):
+    # .pth files are read by keras_maskrcnn.torch_pickle (no PyTorch; tests/test_torch_pickle.py):
+    # a file that is not torch.save's zip format gets an error saying what to do, not an ImportError.
     (tmp_path / "w.pth").write_bytes(b"")
-    with pytest.raises(ImportError, match="needs PyTorch"):
+    with pytest.raises(ValueError, match="zip"):
         read_state_dict(tmp_path / "w.pth")
 
 
@@ -291,10 +287,10 @@ BOX_TOL = 0.05  # px
 SCORE_TOL = 1e-4
 MIN_MASK_IOU = 0.99
 
-TV_SCRIPT = r"""
+# Shared with tests/test_convert_v2.py: a fast, equal roi_align for the reference.
+TV_FAST_ROI_ALIGN = r"""
 import sys
 torch._dynamo.config.disable = True
-from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 # torchvision's pure-Python roi_align gathers with one 6-D advanced index, which takes minutes on a
 # CPU here. This is its _bilinear_interpolate with the same gathers done as row lookups in an NHWC
@@ -343,6 +339,40 @@ _rois = torch.cat([torch.randint(0, 2, (20, 1), generator=_check).float(),
 _slow = torchvision.ops.roi_align(_feat, _rois, 7, 0.5, 2, False)
 _tvref._bilinear = fast_bilinear
 assert torch.equal(torchvision.ops.roi_align(_feat, _rois, 7, 0.5, 2, False), _slow)
+"""
+
+# The end of both reference scripts (inside `with torch.no_grad():`, with `m`, `images`, `batch`,
+# `features`, `roi_heads` set): what the parity tests compare.
+TV_COMPARED = r"""
+    # What is compared: the end-to-end result on the original images ...
+    detections = m(images)
+    # ... and intermediates on the resized, normalised, padded batch.
+    proposals, _ = m.rpn(batch, features)
+    captured = []
+    hook = roi_heads.mask_predictor.register_forward_hook(lambda mod, i, o: captured.append(o))
+    heads, _ = roi_heads(features, proposals, batch.image_sizes)
+    hook.remove()
+
+for i, d in enumerate(detections):
+    outputs[f"boxes{i}"] = d["boxes"]
+    outputs[f"scores{i}"] = d["scores"]
+    outputs[f"labels{i}"] = d["labels"]
+    outputs[f"masks{i}"] = np.packbits(d["masks"][:, 0].numpy() > 0.5, axis=-1)
+    outputs[f"proposals{i}"] = proposals[i]
+    outputs[f"heads_boxes{i}"] = heads[i]["boxes"]
+    outputs[f"heads_scores{i}"] = heads[i]["scores"]
+    outputs[f"heads_labels{i}"] = heads[i]["labels"]
+outputs["heads_mask_logits"] = torch.cat(captured)  # [sum N, classes, 28, 28]
+outputs["batch"] = batch.tensors
+outputs["image_sizes"] = np.array(batch.image_sizes)
+for name, f in features.items():
+    outputs[f"feature_{name}"] = f
+for k, v in m.state_dict().items():
+    outputs["sd." + k] = v
+"""
+
+TV_SCRIPT = TV_FAST_ROI_ALIGN + r"""
+from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 torch.manual_seed(0)
 names = sorted((k for k in inputs if k.startswith("image")), key=lambda k: int(k[5:]))
@@ -385,33 +415,7 @@ with torch.no_grad():
     roi_heads(features, proposals, batch.image_sizes)
     hook.remove()
     rescale(roi_heads.mask_predictor.mask_fcn_logits, captured[0], 4.0)
-
-    # What is compared: the end-to-end result on the original images ...
-    detections = m(images)
-    # ... and intermediates on the resized, normalised, padded batch.
-    proposals, _ = m.rpn(batch, features)
-    captured = []
-    hook = roi_heads.mask_predictor.register_forward_hook(lambda mod, i, o: captured.append(o))
-    heads, _ = roi_heads(features, proposals, batch.image_sizes)
-    hook.remove()
-
-for i, d in enumerate(detections):
-    outputs[f"boxes{i}"] = d["boxes"]
-    outputs[f"scores{i}"] = d["scores"]
-    outputs[f"labels{i}"] = d["labels"]
-    outputs[f"masks{i}"] = np.packbits(d["masks"][:, 0].numpy() > 0.5, axis=-1)
-    outputs[f"proposals{i}"] = proposals[i]
-    outputs[f"heads_boxes{i}"] = heads[i]["boxes"]
-    outputs[f"heads_scores{i}"] = heads[i]["scores"]
-    outputs[f"heads_labels{i}"] = heads[i]["labels"]
-outputs["heads_mask_logits"] = torch.cat(captured)  # [sum N, classes, 28, 28]
-outputs["batch"] = batch.tensors
-outputs["image_sizes"] = np.array(batch.image_sizes)
-for name, f in features.items():
-    outputs[f"feature_{name}"] = f
-for k, v in m.state_dict().items():
-    outputs["sd." + k] = v
-"""
+""" + TV_COMPARED
 
 
 def parity_images():
