@@ -407,6 +407,14 @@ class MaskRCNN(TrainingSteps, keras.Model):
             config[name] = keras.layers.serialize(getattr(self, name))
         return config
 
+    @classmethod
+    def from_preset(cls, name: str, num_classes: Optional[int] = None, **kwargs) -> "MaskRCNN":
+        """A model with a published preset's weights (``keras_maskrcnn.model_zoo``: fetched, verified,
+        converted once, cached); ``num_classes=N`` gives new predictors for fine-tuning."""
+        from keras_maskrcnn.model_zoo import from_preset
+
+        return from_preset(name, num_classes=num_classes, **kwargs)
+
     @property
     def _backbone_config(self):
         if self._backbone_name is not None:

@@ -1,5 +1,5 @@
-"""The ``keras-maskrcnn`` command: ``train``, ``evaluate``, ``predict``, ``convert``, ``export`` and
-``validate`` subcommands.
+"""The ``keras-maskrcnn`` command: ``train``, ``evaluate``, ``predict``, ``convert``, ``export``,
+``validate`` and ``presets`` subcommands.
 
 A thin layer over the library: each subcommand (a module of this package with ``add_parser``
 and ``run``) parses its options and calls the functions the examples call
@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from keras_maskrcnn.cli import convert, evaluate, export, predict, train, validate
+from keras_maskrcnn.cli import convert, evaluate, export, predict, presets, train, validate
 from keras_maskrcnn.cli.common import PROG, CommandError, load_model
 
 # Re-exported: they were defined here.
 from keras_maskrcnn.cli.predict import IMAGE_EXTENSIONS  # noqa: F401,E402
 from keras_maskrcnn.cli.train import PRECISIONS  # noqa: F401,E402
 
-SUBCOMMANDS = (train, evaluate, predict, convert, export, validate)  # in the order of --help
+SUBCOMMANDS = (train, evaluate, predict, convert, export, validate, presets)  # in the order of --help
 COMMANDS = {module.NAME: module.run for module in SUBCOMMANDS}
 
 
