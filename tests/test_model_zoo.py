@@ -102,3 +102,22 @@ def test_cli_presets_lists_names_and_ap(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "maskrcnn_resnet50_fpn_v2_coco" in out and "41.8" in out and "resnet101_imagenet" in out
+
+
+def test_cli_predict_with_a_preset_draws_its_class_names(tiny_preset, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from keras_maskrcnn.cli import main
+
+    preset, _, _ = tiny_preset
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype("uint8")).save(image)
+    out = tmp_path / "out"
+    assert main(["predict", "--preset", "tiny", "--output", str(out), "--score-threshold", "0", str(image)]) == 0
+    assert (out / "photo.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert all(1 <= r["category_id"] <= len(preset.class_names) - 1 for r in results)
+    with pytest.raises(SystemExit):
+        main(["predict", "--preset", "tiny", "--model", "m.keras", "--output", str(out), str(image)])

@@ -21,7 +21,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run a saved model on images; writes OUTPUT/<name>.png with the detections drawn and "
         "OUTPUT/results.json (COCO results format plus file_name).",
     )
-    parser.add_argument("--model", metavar="FILE", required=True, help="saved model (.keras) (required)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="FILE", help="saved model (.keras) (this or --preset is required)")
+    source.add_argument("--preset", metavar="NAME",
+                        help="a preset with published weights (`keras-maskrcnn presets`), e.g. "
+                        "maskrcnn_resnet50_fpn_v2_coco: downloaded on first use, drawn with COCO class names")
     parser.add_argument("--output", metavar="DIR", required=True, help="output folder (required)")
     parser.add_argument("--score-threshold", metavar="S", type=float, default=0.5,
                         help="keep (draw and write) detections scoring at least S")
@@ -76,10 +80,26 @@ def _label_map(classes_file: Optional[str], num_classes: int) -> Tuple[Dict[int,
     return class_to_category, class_names
 
 
+def _preset_model(name: str):
+    """``(model, class_to_category, class_names)`` of a preset: its class ids are the category ids
+    of its dataset (COCO's for the COCO presets), its names the preset's; unused slots ("N/A") unnamed."""
+    from keras_maskrcnn.model import MaskRCNN
+    from keras_maskrcnn.model_zoo import get_preset
+
+    preset = get_preset(name)
+    if preset.kind != "maskrcnn":
+        raise CommandError(f"Preset {name!r} holds backbone weights only; it cannot detect anything.")
+    model = MaskRCNN.from_preset(name)
+    names = {i: n for i, n in enumerate(preset.class_names) if i > 0 and n != "N/A"}
+    return model, {i: i for i in range(1, model.num_classes + 1)}, names
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``keras-maskrcnn predict``; returns the exit status."""
     require_file(parser, args.model, "--model")
     require_file(parser, args.classes, "--classes")
+    if args.preset is not None and args.classes is not None:
+        raise CommandError("--classes is for --model; a --preset carries its own class names.")
 
     import numpy as np
 
@@ -88,12 +108,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from keras_maskrcnn.visualize import draw_detections, save_png
 
     files = _expand_images(args.images)
-    classes_file = args.classes
-    if classes_file is None:
-        default = os.path.join(os.path.dirname(os.path.abspath(args.model)), "classes.json")
-        classes_file = default if os.path.isfile(default) else None
-    model = load_model(args.model)
-    class_to_category, class_names = _label_map(classes_file, model.num_classes)
+    if args.preset is not None:
+        model, class_to_category, class_names = _preset_model(args.preset)
+    else:
+        classes_file = args.classes
+        if classes_file is None:
+            default = os.path.join(os.path.dirname(os.path.abspath(args.model)), "classes.json")
+            classes_file = default if os.path.isfile(default) else None
+        model = load_model(args.model)
+        class_to_category, class_names = _label_map(classes_file, model.num_classes)
 
     os.makedirs(args.output, exist_ok=True)
     names = _unique_png_names(files)
