@@ -121,3 +121,15 @@ def test_cli_predict_with_a_preset_draws_its_class_names(tiny_preset, tmp_path, 
     assert all(1 <= r["category_id"] <= len(preset.class_names) - 1 for r in results)
     with pytest.raises(SystemExit):
         main(["predict", "--preset", "tiny", "--model", "m.keras", "--output", str(out), str(image)])
+
+
+def test_cli_train_fine_tunes_a_preset(tiny_preset, tmp_path, capsys):
+    from keras_maskrcnn.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--synthetic", "4", "--synthetic-size", "64", "--synthetic-val", "0",
+            "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--output", str(out)]
+    assert main(argv) == 0
+    assert any(name.endswith(".keras") for name in os.listdir(out))
+    with pytest.raises(SystemExit):
+        main(argv + ["--backbone", "resnet50"])

@@ -66,6 +66,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="backbone network (default: resnet50 with --backbone-weights; without, the small "
                        "resnet18 preset, which learns from scratch on a CPU)")
     model.add_argument(
+        "--preset", metavar="NAME",
+        help="fine-tune a preset with published weights (`keras-maskrcnn presets`, e.g. "
+        "maskrcnn_resnet50_fpn_v2_coco): its architecture and weights, new predictors for your classes")
+    model.add_argument(
         "--backbone-weights", metavar="FILE",
         help="initialise the backbone from a torchvision ResNet state dict (.safetensors or .npz; keys "
         "plain or under 'backbone.body.')",
@@ -180,6 +184,8 @@ def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     require_file(parser, args.val_annotations, "--val-annotations")
     require_dir(parser, args.val_images, "--val-images")
     require_file(parser, args.backbone_weights, "--backbone-weights")
+    if args.preset is not None and (args.backbone_weights or args.backbone):
+        parser.error("--preset brings its own backbone and weights: drop --backbone / --backbone-weights")
 
 
 def _data(args: argparse.Namespace) -> Tuple[Any, Optional[str], Optional[str]]:
@@ -204,7 +210,8 @@ def _plan(args: argparse.Namespace, data: Any):
     from keras_maskrcnn.plan import plan_training
 
     return plan_training(
-        data.image_sizes, data.num_images, args.epochs, pretrained=bool(args.backbone_weights), backbone=args.backbone,
+        data.image_sizes, data.num_images, args.epochs, pretrained=bool(args.backbone_weights or args.preset),
+        backbone=args.backbone,
         min_size=args.min_size, max_size=args.max_size, batch_size=args.batch_size,
         steps_per_epoch=args.steps_per_epoch, precision=args.mixed_precision, optimizer=args.optimizer,
         learning_rate=args.lr, schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
@@ -213,6 +220,15 @@ def _plan(args: argparse.Namespace, data: Any):
         backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm, recipe=args.recipe,
         augmentation=args.augmentation, sync_batch_norm=args.sync_batch_norm, norm_weight_decay=args.norm_weight_decay,
     )
+
+
+def _preset_model(name: str, num_classes: int, plan: Any):
+    """The preset's architecture and weights with new predictors for ``num_classes``, at the plan's
+    image size and trainable stages."""
+    from keras_maskrcnn.model import MaskRCNN
+
+    keep = ("min_size", "max_size", "trainable_backbone_layers")
+    return MaskRCNN.from_preset(name, num_classes=num_classes, **{k: plan.model_config[k] for k in keep})
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -250,7 +266,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"  replicas   {replicas} ({args.strategy}), {plan.batch_size // replicas} image(s) per replica")
     keras.mixed_precision.set_global_policy(plan.precision)
     with strategy.scope():  # the model's and the optimizer's variables belong to the strategy
-        model = plan.build_model(data.num_classes, backbone_weights=args.backbone_weights)
+        if args.preset is not None:
+            model = _preset_model(args.preset, data.num_classes, plan)
+        else:
+            model = plan.build_model(data.num_classes, backbone_weights=args.backbone_weights)
     dataset = plan.build_dataset(data, model, repeat=args.steps_per_epoch is not None, seed=args.seed)
     with strategy.scope():
         optimizer = plan.build_optimizer()
