@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras_maskrcnn import precision, transform
 from keras_maskrcnn.layers.backbone import backbone_channels, build_backbone
 from keras_maskrcnn.layers.fpn import FeaturePyramidNetwork
+from keras_maskrcnn.model_settings import FlatSettings
 from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
 from keras_maskrcnn.roi_heads import build_roi_heads
 from keras_maskrcnn.rpn import RPN_LEVELS, build_rpn
@@ -24,7 +25,7 @@ _INJECTABLE_HEADS = ("rpn_head", "box_head", "mask_head")
 
 
 @keras.saving.register_keras_serializable(package="keras_maskrcnn")
-class MaskRCNN(TrainingSteps, keras.Model):
+class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
     """Mask R-CNN with a ResNet-FPN backbone; defaults are torchvision's ``maskrcnn_resnet50_fpn``.
 
     The model takes RGB images with values in ``[0, 255]`` (uint8 or float) and normalises them
@@ -227,37 +228,6 @@ class MaskRCNN(TrainingSteps, keras.Model):
             head_norm=head_norm,
         )
         self._init_loss_trackers()
-
-    # ----------------------------------------------------------------------------- the stages' parts
-    # torchvision's attribute paths are model.rpn.head, model.roi_heads.box_head, ...; these
-    # shortcuts keep the flat names of 0.1.0 (weight conversion, user code).
-    rpn_head = property(lambda self: self.rpn.head)
-    anchor_generator = property(lambda self: self.rpn.anchor_generator)
-    proposal_layer = property(lambda self: self.rpn.proposal_layer)
-    box_roi_align = property(lambda self: self.roi_heads.box_roi_align)
-    box_head = property(lambda self: self.roi_heads.box_head)
-    mask_roi_align = property(lambda self: self.roi_heads.mask_roi_align)
-    mask_head = property(lambda self: self.roi_heads.mask_head)
-    detection_layer = property(lambda self: self.roi_heads.detection_layer)
-    fpn_channels = property(lambda self: self.fpn.channels)
-    box_roi_size = property(lambda self: self.box_roi_align.output_size[0])
-    mask_roi_size = property(lambda self: self.mask_roi_align.output_size[0])
-    box_coder_weights = property(lambda self: self.detection_layer.box_coder_weights)
-    anchor_sizes = property(lambda self: self.anchor_generator.sizes)
-    aspect_ratios = property(lambda self: self.anchor_generator.aspect_ratios)
-    sampling_ratio = property(lambda self: self.box_roi_align.sampling_ratio)
-    aligned = property(lambda self: self.box_roi_align.aligned)
-    rpn_fg_iou_threshold = property(lambda self: self.rpn.fg_iou_threshold)
-    rpn_bg_iou_threshold = property(lambda self: self.rpn.bg_iou_threshold)
-    rpn_batch_size_per_image = property(lambda self: self.rpn.batch_size_per_image)
-    rpn_positive_fraction = property(lambda self: self.rpn.positive_fraction)
-    box_fg_iou_threshold = property(lambda self: self.roi_heads.fg_iou_threshold)
-    box_bg_iou_threshold = property(lambda self: self.roi_heads.bg_iou_threshold)
-    box_batch_size_per_image = property(lambda self: self.roi_heads.sampler.batch_size_per_image)
-    box_positive_fraction = property(lambda self: self.roi_heads.sampler.positive_fraction)
-    representation_size = property(lambda self: self._head_settings["representation_size"])
-    mask_head_convs = property(lambda self: self._head_settings["mask_head_convs"])
-    mask_head_channels = property(lambda self: self._head_settings["mask_head_channels"])
 
     # ----------------------------------------------------------------------------- building
     def build(self, input_shape=None):

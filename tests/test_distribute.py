@@ -33,7 +33,7 @@ flip on such a difference, so the test leaves no score-dependent choice:
   one device draws ``[2, N]`` numbers, each replica ``[1, N]``.)
 * FPN levels. Every RoI of a 64 x 64 image is pooled from P2 (the next level starts at 112 px),
   so no level assignment can flip either.
-* Batch statistics. ``backbone_norm="frozen_bn"``: trainable batch norm normalises by per-replica
+* Batch statistics. ``backbone_norm="frozen_bn"``, no norm in the FPN and heads: trainable batch norm normalises by per-replica
   statistics, a different function of the data (see :mod:`keras_maskrcnn.distribute`).
 * Data. No flips, no shuffling, same images; 64 x 64 images need no batch padding.
 * Initial weights. Every run loads the same weights file.
@@ -107,6 +107,8 @@ def model_config():
     return dict(
         small_model_config(image_size=64),
         backbone_norm="frozen_bn",
+        fpn_norm=None,  # no batch statistics anywhere (the small preset has batch norm in the FPN and heads)
+        head_norm=None,
         fpn_channels=32,
         representation_size=64,
         aspect_ratios=(1.0,),  # one anchor per position: 341 anchors, all of which become RoIs

@@ -72,15 +72,9 @@ Targets = Tuple[tf.Tensor, tf.Tensor, tf.Tensor]  # boxes [n, 4], classes [n], m
 
 # --------------------------------------------------------------------------- image and boxes
 def resample(image: tf.Tensor, size: tf.Tensor, antialias: bool = True) -> tf.Tensor:
-    """Bilinear resampling of an ``[H, W, C]`` image to ``size`` ``(h, w)``: float32.
-
-    ``antialias=True``: ``torchvision.transforms.v2.Resize``'s default (a triangle filter widened
-    by the downscale factor; the same as plain bilinear when enlarging). ``antialias=False``: the
-    model's resampling, :func:`keras_maskrcnn.transform.resize_images`.
-    """
-    if not antialias:
-        return transform.resize_images(image, size)
-    return tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
+    """:func:`keras_maskrcnn.transform.resize_images` of one image, antialiased by default as
+    ``torchvision.transforms.v2.Resize``."""
+    return transform.resize_images(image, size, antialias=antialias)
 
 
 def resize_with_boxes(
@@ -96,21 +90,8 @@ def resize_with_boxes(
 def resample_window(
     image: tf.Tensor, size: tf.Tensor, top: tf.Tensor, left: tf.Tensor, window: tf.Tensor, antialias: bool = True
 ) -> tf.Tensor:
-    """The window ``[top, top + window_h) x [left, left + window_w)`` of ``image`` resampled to
-    ``size``, computing only that window: float32 ``[window_h, window_w, C]``.
-
-    ``resample(image, size, antialias)[top:..., left:...]`` (the same kernel, scale and sample
-    positions: ``tf.image.resize``'s ``ScaleAndTranslate`` with the crop as translation; values
-    agree to float rounding, measured under 0.001 of 255), about 7x faster when large-scale
-    jitter doubles an image and keeps a quarter of it.
-    """
-    if not antialias:
-        return resample(image, size, antialias)[top:top + window[0], left:left + window[1]]
-    scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)  # as tf.image.resize
-    return tf.raw_ops.ScaleAndTranslate(
-        images=tf.cast(image, tf.float32)[None], size=window, scale=scale,
-        translation=-tf.cast(tf.stack([top, left]), tf.float32), kernel_type="triangle", antialias=True,
-    )[0]
+    """:func:`keras_maskrcnn.transform.resize_window`: only the kept window of a resized image."""
+    return transform.resize_window(image, size, top, left, window, antialias)
 
 
 def horizontal_flip(image: tf.Tensor, boxes: tf.Tensor, masks: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
