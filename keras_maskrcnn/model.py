@@ -16,7 +16,7 @@ from keras_maskrcnn.layers.fpn import FeaturePyramidNetwork
 from keras_maskrcnn.model_settings import FlatSettings
 from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
 from keras_maskrcnn.roi_heads import build_roi_heads
-from keras_maskrcnn.rpn import RPN_LEVELS, build_rpn
+from keras_maskrcnn.rpn import RPN_LEVELS, as_layer, build_rpn
 
 MASK_FORMATS = ("binary", "probability", "box")
 # The version of the model's saved layout; files of 0.1.0 (no version) kept the RPN head at the top.
@@ -174,7 +174,7 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         )
         self.fpn = FeaturePyramidNetwork(fpn_channels, norm=fpn_norm, dtype=policy, name="fpn")
         self.rpn = build_rpn(
-            _as_layer(rpn_head),
+            as_layer(rpn_head),
             channels=fpn_channels,
             conv_depth=rpn_conv_depth,
             anchor_sizes=anchor_sizes,
@@ -193,8 +193,8 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         )
         self.roi_heads = build_roi_heads(
             num_classes,
-            _as_layer(box_head),
-            _as_layer(mask_head),
+            as_layer(box_head),
+            as_layer(mask_head),
             channels=fpn_channels,
             box_roi_size=box_roi_size,
             mask_roi_size=mask_roi_size,
@@ -399,7 +399,3 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         # Not built here: Keras' loader calls build_from_config next, which checks the format.
         return cls(**config)
 
-
-def _as_layer(head: Union[None, keras.layers.Layer, Dict[str, Any]]) -> Optional[keras.layers.Layer]:
-    """An injected head given as a layer or as its ``keras.layers.serialize`` form (from a config)."""
-    return keras.layers.deserialize(head) if isinstance(head, dict) else head

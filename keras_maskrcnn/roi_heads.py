@@ -15,7 +15,7 @@ from keras_maskrcnn.layers.detections import DetectionLayer
 from keras_maskrcnn.layers.mask_head import MaskHead
 from keras_maskrcnn.layers.roi_align import MultiLevelROIAlign
 from keras_maskrcnn.matching import BalancedPositiveNegativeSampler
-from keras_maskrcnn.rpn import _layer
+from keras_maskrcnn.rpn import as_layer
 
 # The pyramid levels RoIs are pooled from (torchvision's MultiScaleRoIAlign featmap_names).
 ROI_LEVELS = ("P2", "P3", "P4", "P5")
@@ -73,11 +73,11 @@ class RoIHeads(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.box_roi_align = _layer(box_roi_align)
-        self.box_head = _layer(box_head)
-        self.mask_roi_align = _layer(mask_roi_align)
-        self.mask_head = _layer(mask_head)
-        self.detection_layer = _layer(detection_layer)
+        self.box_roi_align = as_layer(box_roi_align)
+        self.box_head = as_layer(box_head)
+        self.mask_roi_align = as_layer(mask_roi_align)
+        self.mask_head = as_layer(mask_head)
+        self.detection_layer = as_layer(detection_layer)
         self.fg_iou_threshold = fg_iou_threshold
         self.bg_iou_threshold = bg_iou_threshold
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)

@@ -17,8 +17,9 @@ from keras_maskrcnn.layers.rpn import RPNHead
 RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
 
 
-def _layer(value: Union[keras.layers.Layer, Mapping[str, Any]]) -> keras.layers.Layer:
-    """A sub-layer given as a layer or as its ``keras.layers.serialize`` form (``from_config``)."""
+def as_layer(value: Union[None, keras.layers.Layer, Mapping[str, Any]]) -> Optional[keras.layers.Layer]:
+    """A sub-layer given as a layer or as its ``keras.layers.serialize`` form (from a config);
+    ``None`` stays ``None``. The stages and ``MaskRCNN``'s injected heads use it."""
     return keras.layers.deserialize(dict(value)) if isinstance(value, Mapping) else value
 
 
@@ -65,9 +66,9 @@ class RegionProposalNetwork(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.head = _layer(head)
-        self.anchor_generator = _layer(anchor_generator)
-        self.proposal_layer = _layer(proposal_layer)
+        self.head = as_layer(head)
+        self.anchor_generator = as_layer(anchor_generator)
+        self.proposal_layer = as_layer(proposal_layer)
         self.fg_iou_threshold = fg_iou_threshold
         self.bg_iou_threshold = bg_iou_threshold
         self.batch_size_per_image = batch_size_per_image

@@ -9,11 +9,7 @@ import pytest
 
 from keras_maskrcnn import MaskRCNN, model_zoo
 from keras_maskrcnn.convert import from_torchvision
-from test_convert import TINY, synthetic_state_dict
-
-
-def weights_of(model):
-    return {v.path.split("/", 1)[1]: v.numpy() for v in model.weights}
+from test_convert import TINY, synthetic_state_dict, weights_of
 
 
 @pytest.fixture
