@@ -56,6 +56,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
 
+from keras_maskrcnn import boxes as box_ops
 from keras_maskrcnn import transform
 
 MULTISCALE_MIN_SIZES = tuple(range(480, 801, 32))
@@ -81,10 +82,14 @@ def resize_with_boxes(
     image: tf.Tensor, boxes: tf.Tensor, size: tf.Tensor, antialias: bool = True
 ) -> Tuple[tf.Tensor, tf.Tensor]:
     """Resample ``image`` to ``size`` ``(h, w)`` and scale its ``[n, 4]`` boxes with it
-    (:func:`keras_maskrcnn.transform.boxes_to_resized`; coverage masks are unchanged)."""
+    (:func:`keras_maskrcnn.transform.boxes_to_resized`, clipped to the new image; coverage masks are
+    unchanged)."""
     original = tf.shape(image)[:2]
     scale = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
-    return resample(image, size, antialias), transform.boxes_to_resized(boxes, scale)
+    boxes = transform.boxes_to_resized(boxes, scale)
+    # float32 scaling can put an edge box a few ulps past the new border (48.000004 for 48): clip.
+    boxes = box_ops.clip_boxes(boxes[None], tf.reshape(size, [1, 2]))[0]
+    return resample(image, size, antialias), boxes
 
 
 def resample_window(
@@ -261,7 +266,8 @@ class Augmentation:
         return {"flip": _uniform(seed, 0) < self.flip_probability}
 
     def apply(self, image, boxes, classes, masks, draws: Mapping[str, tf.Tensor]):
-        raise NotImplementedError
+        # Abstract: every augmentation (Flip, MultiScale, LargeScaleJitter) defines it.
+        raise NotImplementedError(f"{type(self).__name__} must define apply()")
 
     def __call__(self, image, boxes, classes, masks, seed):
         return self.apply(image, boxes, classes, masks, self.sample(seed))
