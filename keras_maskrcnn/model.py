@@ -4,7 +4,8 @@ stage (:mod:`keras_maskrcnn.roi_heads`); image geometry is :mod:`keras_maskrcnn.
 training (losses, ``train_step``) :mod:`keras_maskrcnn.model_training`."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+import inspect
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -13,7 +14,13 @@ import tensorflow as tf
 from keras_maskrcnn import precision, transform
 from keras_maskrcnn.layers.backbone import backbone_channels, build_backbone
 from keras_maskrcnn.layers.fpn import FeaturePyramidNetwork
-from keras_maskrcnn.model_settings import FlatSettings
+from keras_maskrcnn.model_settings import (
+    STAGE_SETTINGS,
+    FlatSettings,
+    flat_settings,
+    flatten_stage_settings,
+    group_stage_settings,
+)
 from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
 from keras_maskrcnn.roi_heads import build_roi_heads
 from keras_maskrcnn.rpn import RPN_LEVELS, as_layer, build_rpn
@@ -69,6 +76,11 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
             They are serialised with ``keras.layers.serialize`` in the model's config, so a model
             with custom heads saves and loads as ``.keras`` when the heads are registered
             serialisable classes.
+        backbone_config, fpn_config, rpn_config, roi_heads_config, transform_config: the same
+            settings grouped by the part that owns them, under that part's own names
+            (:data:`keras_maskrcnn.model_settings.STAGE_SETTINGS`), e.g.
+            ``rpn_config={"nms_threshold": 0.6}`` for ``rpn_nms_threshold=0.6``;
+            :meth:`stage_config` gives a model's settings in this form.
         The remaining arguments are torchvision's hyperparameters of the same names; the model
         hands them to its stages, :attr:`rpn` (:class:`~keras_maskrcnn.rpn.RegionProposalNetwork`)
         and :attr:`roi_heads` (:class:`~keras_maskrcnn.roi_heads.RoIHeads`), which own them.
@@ -141,8 +153,22 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         rpn_head: Optional[keras.layers.Layer] = None,
         box_head: Optional[keras.layers.Layer] = None,
         mask_head: Optional[keras.layers.Layer] = None,
+        backbone_config: Optional[Mapping[str, Any]] = None,
+        fpn_config: Optional[Mapping[str, Any]] = None,
+        rpn_config: Optional[Mapping[str, Any]] = None,
+        roi_heads_config: Optional[Mapping[str, Any]] = None,
+        transform_config: Optional[Mapping[str, Any]] = None,
         **kwargs,
     ):
+        groups = dict(backbone_config=backbone_config, fpn_config=fpn_config, rpn_config=rpn_config,
+                      roi_heads_config=roi_heads_config, transform_config=transform_config)
+        if any(groups.values()):
+            # Spread the grouped settings into the flat arguments the stages are built from.
+            given = {name: value for name, value in locals().items() if name in _FLAT_DEFAULTS}
+            flat = flatten_stage_settings(groups, given, _FLAT_DEFAULTS)
+            MaskRCNN.__init__(self, num_classes, backbone=backbone, rpn_head=rpn_head, box_head=box_head,
+                              mask_head=mask_head, **flat, **kwargs)
+            return
         if kwargs.get("dtype") == precision.AUTO:
             kwargs["dtype"] = precision.resolve_policy(precision.AUTO)
         super().__init__(**kwargs)
@@ -327,55 +353,16 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
     def get_config(self) -> Dict[str, Any]:
         """torchvision's flat hyperparameters, read from the stages that own them, plus any
         injected head serialised with ``keras.layers.serialize``."""
-        rpn, roi_heads = self.rpn, self.roi_heads
-        proposals, detections = rpn.proposal_layer, roi_heads.detection_layer
         config = super().get_config()
-        config.update(
-            {
-                "num_classes": self.num_classes,
-                "backbone": self._backbone_config,
-                "trainable_backbone_layers": self.trainable_backbone_layers,
-                "backbone_norm": self.backbone_norm,
-                "fpn_norm": self.fpn.norm,
-                "anchor_sizes": list(self.anchor_sizes),
-                "aspect_ratios": list(self.aspect_ratios),
-                "rpn_pre_nms_top_n_train": proposals.pre_nms_top_n_train,
-                "rpn_pre_nms_top_n_test": proposals.pre_nms_top_n_test,
-                "rpn_post_nms_top_n_train": proposals.post_nms_top_n_train,
-                "rpn_post_nms_top_n_test": proposals.post_nms_top_n_test,
-                "rpn_nms_threshold": proposals.nms_threshold,
-                "rpn_min_size": proposals.min_size,
-                "rpn_fg_iou_threshold": rpn.fg_iou_threshold,
-                "rpn_bg_iou_threshold": rpn.bg_iou_threshold,
-                "rpn_batch_size_per_image": rpn.batch_size_per_image,
-                "rpn_positive_fraction": rpn.positive_fraction,
-                "box_roi_size": self.box_roi_size,
-                "mask_roi_size": self.mask_roi_size,
-                "sampling_ratio": roi_heads.box_roi_align.sampling_ratio,
-                "aligned": roi_heads.box_roi_align.aligned,
-                "box_score_threshold": detections.score_threshold,
-                "box_nms_threshold": detections.nms_threshold,
-                "detections_per_image": detections.max_detections,
-                "box_fg_iou_threshold": roi_heads.fg_iou_threshold,
-                "box_bg_iou_threshold": roi_heads.bg_iou_threshold,
-                "box_batch_size_per_image": roi_heads.sampler.batch_size_per_image,
-                "box_positive_fraction": roi_heads.sampler.positive_fraction,
-                "box_coder_weights": list(roi_heads.box_coder.weights),
-                "mask_threshold": self.mask_threshold,
-                "mask_output": self.mask_output,
-                "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std),
-                "min_size": self.min_size,
-                "max_size": self.max_size,
-                "size_divisible": self.size_divisible,
-                "gt_mask_size": self.gt_mask_size,
-                "jit_compile_masks": self.jit_compile_masks,
-                **self._head_settings,
-            }
-        )
+        config.update(flat_settings(self))
         for name in self._custom_head_names:
             config[name] = keras.layers.serialize(getattr(self, name))
         return config
+
+    def stage_config(self) -> Dict[str, Any]:
+        """:meth:`get_config` with the settings grouped by stage (``rpn_config``, ``roi_heads_config``,
+        ...: the constructor's grouped form); ``MaskRCNN.from_config`` accepts either."""
+        return group_stage_settings(self.get_config())
 
     @classmethod
     def from_preset(cls, name: str, num_classes: Optional[int] = None, **kwargs) -> "MaskRCNN":
@@ -399,3 +386,11 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         # Not built here: Keras' loader calls build_from_config next, which checks the format.
         return cls(**config)
 
+
+
+# Defaults of the flat settings that a group can also give (for telling a given value from a default).
+_FLAT_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(MaskRCNN.__init__).parameters.items()
+    if any(name in group for group in STAGE_SETTINGS.values())
+}

@@ -228,6 +228,7 @@ def _fit_phases(
                 steps_per_epoch=phase.steps,
                 callbacks=callbacks,
                 verbose=verbose,
+                shuffle=False,  # the dataset shuffles; Keras would warn that it ignores True
             )
             history.epoch += list(part.epoch)
             for key, values in part.history.items():

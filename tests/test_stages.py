@@ -92,6 +92,52 @@ def test_stages_own_their_settings_and_serialise_nested():
         assert type(again) is type(stage) and again.get_config() == stage.get_config()
 
 
+def _settings(model):
+    return {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+
+
+def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
+    grouped = MaskRCNN(
+        3,
+        backbone="resnet18",
+        backbone_config={"norm": "batch_norm", "trainable_layers": 4},
+        fpn_config={"channels": 16, "norm": "batch_norm"},
+        rpn_config={"anchor_sizes": (8, 16, 32, 64, 128), "nms_threshold": 0.6, "pre_nms_top_n_test": 100,
+                    "post_nms_top_n_test": 30, "batch_size_per_image": 64},
+        roi_heads_config={"representation_size": 32, "mask_head_convs": 1, "mask_head_channels": 16,
+                          "score_threshold": 0.0, "nms_threshold": 0.4, "detections_per_image": 10,
+                          "batch_size_per_image": 32, "box_coder_weights": (5.0, 5.0, 2.0, 2.0)},
+        transform_config={"min_size": 64, "max_size": 96, "mask_threshold": 0.4},
+    )
+    flat = MaskRCNN(
+        3, backbone="resnet18", backbone_norm="batch_norm", trainable_backbone_layers=4, fpn_channels=16,
+        fpn_norm="batch_norm", anchor_sizes=(8, 16, 32, 64, 128), rpn_nms_threshold=0.6,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=64,
+        representation_size=32, mask_head_convs=1, mask_head_channels=16, box_score_threshold=0.0,
+        box_nms_threshold=0.4, detections_per_image=10, box_batch_size_per_image=32,
+        box_coder_weights=(5.0, 5.0, 2.0, 2.0), min_size=64, max_size=96, mask_threshold=0.4,
+    )
+    assert _settings(grouped) == _settings(flat)
+    assert grouped.rpn.proposal_layer.nms_threshold == 0.6 and grouped.roi_heads.detection_layer.nms_threshold == 0.4
+    assert grouped.roi_heads.sampler.batch_size_per_image == 32 and grouped.rpn.batch_size_per_image == 64
+
+    stages = grouped.stage_config()
+    assert stages["rpn_config"]["nms_threshold"] == 0.6 and stages["roi_heads_config"]["nms_threshold"] == 0.4
+    assert stages["transform_config"] == {"image_mean": list(flat.image_mean), "image_std": list(flat.image_std),
+                                          "min_size": 64, "max_size": 96, "size_divisible": 32, "mask_threshold": 0.4}
+    assert "rpn_nms_threshold" not in stages
+    assert _settings(MaskRCNN.from_config(stages)) == _settings(flat)
+
+
+def test_grouped_settings_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"rpn_config has no setting 'rpn_nms_threshold'.*'nms_threshold'"):
+        MaskRCNN(3, backbone="resnet18", rpn_config={"rpn_nms_threshold": 0.6})
+    with pytest.raises(ValueError, match=r"rpn_nms_threshold=0.5 and rpn_config\['nms_threshold'\]=0.6 disagree"):
+        MaskRCNN(3, backbone="resnet18", rpn_nms_threshold=0.5, rpn_config={"nms_threshold": 0.6})
+    # The same value given both ways is not a conflict.
+    assert MaskRCNN(3, backbone="resnet18", rpn_nms_threshold=0.6, rpn_config={"nms_threshold": 0.6}).proposal_layer.nms_threshold == 0.6
+
+
 def test_a_0_1_file_is_refused_with_what_to_do_and_loads_with_the_converter():
     path = os.path.join(DATA, "maskrcnn_v0_1.keras")
     expected = np.load(os.path.join(DATA, "maskrcnn_v0_1_outputs.npz"))
