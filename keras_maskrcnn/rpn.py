@@ -82,7 +82,7 @@ class RegionProposalNetwork(keras.layers.Layer):
 
     def call(self, features: Mapping[str, tf.Tensor], padded_shape, image_sizes, training: bool = False) -> Dict[str, Any]:
         maps = [features[name] for name in RPN_LEVELS]
-        objectness, deltas, _ = self.head(maps)
+        objectness, deltas = self.head(maps)
         anchors = self.anchor_generator(padded_shape, [tf.shape(f)[1:3] for f in maps])
         proposals, _, num_proposals = self.proposal_layer(objectness, deltas, anchors, image_sizes, training=training)
         return {

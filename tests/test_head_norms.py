@@ -157,7 +157,7 @@ def test_rpn_head_conv_depth_two_matches_numpy(rng):
     head.build([x.shape])
     for w in head.weights:
         w.assign(rng.normal(0, 0.3, w.shape))
-    objectness, deltas, _ = head([tf.constant(x)])
+    objectness, deltas = head([tf.constant(x)])
     h = x
     for conv in [head.conv] + head.extra_convs:
         h = np.maximum(conv_nhwc(h, conv.kernel.numpy(), conv.bias.numpy()), 0)

@@ -60,7 +60,7 @@ def test_fpn_shapes_and_top_down_nearest_rule(rng):
 def test_rpn_head_output_order(rng):
     head = RPNHead(num_anchors=3, channels=8)
     feats = [tf.constant(rng.normal(size=(2, 6, 5, 4)), tf.float32), tf.constant(rng.normal(size=(2, 3, 3, 4)), tf.float32)]
-    obj, deltas, counts = head(feats)
+    obj, deltas = head(feats)
     assert obj.shape == (2, 6 * 5 * 3 + 3 * 3 * 3) and deltas.shape == (2, 117, 4)
     t = head.conv(feats[0])
     np.testing.assert_allclose(obj.numpy()[:, :90], head.cls_logits(t).numpy().reshape(2, -1), atol=1e-6)

@@ -1,7 +1,7 @@
 """Region Proposal Network head, as torchvision's ``RPNHead``."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -22,12 +22,11 @@ class RPNHead(keras.layers.Layer):
 
     Returns:
         ``(objectness [B, sum_i H_i W_i A], deltas [B, sum_i H_i W_i A, 4])`` float32, ordered
-        level, row, column, anchor (the order of :class:`AnchorGenerator`), and the list of
-        per-level anchor counts ``H_i * W_i * A`` (int tensors).
+        level, row, column, anchor (the order of :class:`AnchorGenerator`).
 
     Example:
         >>> head = RPNHead(num_anchors=3)
-        >>> obj, deltas, counts = head([tf.zeros([2, 8, 8, 16]), tf.zeros([2, 4, 4, 16])])
+        >>> obj, deltas = head([tf.zeros([2, 8, 8, 16]), tf.zeros([2, 4, 4, 16])])
         >>> obj.shape, deltas.shape
         (TensorShape([2, 240]), TensorShape([2, 240, 4]))
     """
@@ -59,8 +58,8 @@ class RPNHead(keras.layers.Layer):
         self.bbox_pred.build((None, None, None, self.channels))
         self.built = True
 
-    def call(self, features: Sequence[tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor, List[tf.Tensor]]:
-        objectness, deltas, counts = [], [], []
+    def call(self, features: Sequence[tf.Tensor]) -> Tuple[tf.Tensor, tf.Tensor]:
+        objectness, deltas = [], []
         batch = tf.shape(features[0])[0]
         a, dtype = self.num_anchors, self.compute_dtype
         # Both 1x1 convs as one (oneDNN is slow on a conv with only A = 3 outputs).
@@ -74,8 +73,7 @@ class RPNHead(keras.layers.Layer):
             out = tf.reshape(out, [batch, -1, 5 * a])  # [B, H * W, A + 4 A]
             objectness.append(tf.reshape(out[..., :a], [batch, -1]))
             deltas.append(tf.reshape(out[..., a:], [batch, -1, 4]))
-            counts.append(tf.shape(objectness[-1])[1])
-        return tf.concat(objectness, axis=1), tf.concat(deltas, axis=1), counts
+        return tf.concat(objectness, axis=1), tf.concat(deltas, axis=1)
 
     def get_config(self):
         config = super().get_config()
