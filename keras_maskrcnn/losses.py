@@ -35,15 +35,21 @@ def box_head_losses(class_logits, box_deltas, labels, box_targets, valid, positi
     return class_loss, box_loss
 
 
+def own_class_mask_logits(mask_logits, labels):
+    """``[B, R, S, S]``: each RoI's mask logits of its own class (``mask_logits [B, R, S, S, K+1]``;
+    returned as is when already ``[B, R, S, S]``)."""
+    if mask_logits.shape.rank == 5:
+        return tf.gather(tf.transpose(mask_logits, [0, 1, 4, 2, 3]), labels, axis=2, batch_dims=2)
+    return mask_logits
+
+
 def mask_loss(mask_logits, labels, targets, positive):
     """Per-pixel BCE of each positive RoI's own-class mask logits, averaged over positives and pixels.
 
     ``mask_logits [B, R, S, S, K+1]`` (or ``[B, R, S, S]``, already each RoI's own class),
     ``labels [B, R]``, ``targets [B, R, S, S]``, ``positive [B, R]``.
     """
-    logits = mask_logits
-    if mask_logits.shape.rank == 5:
-        logits = tf.gather(tf.transpose(mask_logits, [0, 1, 4, 2, 3]), labels, axis=2, batch_dims=2)
+    logits = own_class_mask_logits(mask_logits, labels)
     bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits), axis=[2, 3])
     positive_f = tf.cast(positive, tf.float32)
     return tf.reduce_sum(bce * positive_f) / tf.maximum(tf.reduce_sum(positive_f), 1.0)

@@ -1,5 +1,6 @@
 """How :class:`~keras_maskrcnn.model.MaskRCNN` trains with ``model.fit``: the five losses from its
-stages, their reduction over replicas, and Keras' ``train_step`` / ``test_step``."""
+stages, their reduction over replicas, and Keras' ``train_step`` / ``test_step``, which also log
+detectron2's training statistics of the RoI heads (:mod:`keras_maskrcnn.training_statistics`)."""
 from __future__ import annotations
 
 from typing import Dict, Mapping
@@ -8,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_maskrcnn import distribute
+from keras_maskrcnn.training_statistics import STATISTIC_NAMES, ratio
 
 LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
 
@@ -25,6 +27,7 @@ class TrainingSteps:
 
     def _init_loss_trackers(self):
         self._loss_trackers = [keras.metrics.Mean(name=name) for name in ("loss",) + LOSS_NAMES]
+        self._statistic_trackers = [keras.metrics.Mean(name=name) for name in STATISTIC_NAMES]
 
     def compute_losses(self, inputs, targets: Mapping[str, tf.Tensor], training: bool = True) -> Dict[str, tf.Tensor]:
         """The five Mask R-CNN losses for a batch (see :mod:`keras_maskrcnn.data` for the format).
@@ -38,33 +41,44 @@ class TrainingSteps:
         batch (sum here / count summed over replicas), so that the optimizer's sum of the replicas'
         gradients is the gradient of the global-batch loss (:mod:`keras_maskrcnn.distribute`).
         """
+        return self._losses_and_statistics(inputs, targets, training)[0]
+
+    def _losses_and_statistics(self, inputs, targets, training):
+        """:meth:`compute_losses` and this replica's ``(numerator, denominator)`` of each training statistic."""
         images, image_sizes = self._unpack(inputs)
         gt_boxes = tf.cast(targets["boxes"], tf.float32)
         gt_valid = tf.cast(targets["classes"], tf.int32) > 0
         padded_shape, features = self._features(images, training=training, image_sizes=image_sizes)
         rpn_outputs = self.rpn(features, padded_shape, image_sizes, training=training)
         rpn_losses, rpn_counts = self.rpn.compute_losses(rpn_outputs, gt_boxes, gt_valid)
-        roi_losses, roi_counts = self.roi_heads.compute_losses(
-            features, rpn_outputs["proposals"], rpn_outputs["num_proposals"], targets, image_sizes, training=training
+        roi_losses, roi_counts, statistics = self.roi_heads.compute_losses(
+            features, rpn_outputs["proposals"], rpn_outputs["num_proposals"], targets, image_sizes,
+            training=training, statistics=True,
         )
         losses, counts = {**rpn_losses, **roi_losses}, {**rpn_counts, **roi_counts}
         means = tf.stack([tf.cast(losses[name], tf.float32) for name in LOSS_NAMES])
         shares = distribute.global_batch_shares(means, tf.stack([counts[name] for name in LOSS_NAMES]))
-        return dict(zip(LOSS_NAMES, tf.unstack(shares)))
+        return dict(zip(LOSS_NAMES, tf.unstack(shares))), statistics
 
     @property
     def metrics(self):
-        return list(self._loss_trackers)
+        return list(self._loss_trackers) + list(self._statistic_trackers)
 
-    def _update_trackers(self, total, losses):
+    def _update_trackers(self, total, losses, statistics):
         # Under a strategy each replica holds its share of the global-batch losses: their sum over
         # replicas (one all-reduce) is the global-batch loss, which every replica then records, so
         # the logged metrics are the same on all replicas and workers. A no-op on one replica.
-        values = tf.stack([tf.cast(total, tf.float32)] + [tf.cast(losses[name], tf.float32) for name in LOSS_NAMES])
-        values = distribute.sum_over_replicas(values)
-        for tracker, value in zip(self._loss_trackers, tf.unstack(values)):
+        # The statistics' numerators and denominators are summed in the same all-reduce.
+        values = [tf.cast(total, tf.float32)] + [tf.cast(losses[name], tf.float32) for name in LOSS_NAMES]
+        values += [tf.cast(part, tf.float32) for name in STATISTIC_NAMES for part in statistics[name]]
+        values = tf.unstack(distribute.sum_over_replicas(tf.stack(values)))
+        num_losses = len(self._loss_trackers)
+        for tracker, value in zip(self._loss_trackers, values[:num_losses]):
             tracker.update_state(value)
-        results = {tracker.name: tracker.result() for tracker in self._loss_trackers}
+        parts = values[num_losses:]
+        for index, tracker in enumerate(self._statistic_trackers):
+            tracker.update_state(ratio(parts[2 * index], parts[2 * index + 1]))
+        results = {tracker.name: tracker.result() for tracker in self.metrics}
         if distribute.is_multi_worker():
             # Keras reduces step outputs over workers with strategy.reduce("MEAN", axis=0), which
             # needs a leading axis; the mean of identical values is the value.
@@ -84,7 +98,7 @@ class TrainingSteps:
             self.build()
         inputs, targets = _split(data)
         with tf.GradientTape() as tape:
-            losses = self.compute_losses(inputs, targets, training=True)
+            losses, statistics = self._losses_and_statistics(inputs, targets, training=True)
             total = tf.add_n(list(losses.values()))
             if self.losses:
                 regularization = tf.cast(tf.add_n(self.losses), total.dtype)
@@ -93,11 +107,11 @@ class TrainingSteps:
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
-        return self._update_trackers(total, losses)
+        return self._update_trackers(total, losses, statistics)
 
     def test_step(self, data):
         if not self.built:  # fit() does not call the model, so build it here
             self.build()
         inputs, targets = _split(data)
-        losses = self.compute_losses(inputs, targets, training=False)
-        return self._update_trackers(tf.add_n(list(losses.values())), losses)
+        losses, statistics = self._losses_and_statistics(inputs, targets, training=False)
+        return self._update_trackers(tf.add_n(list(losses.values())), losses, statistics)

@@ -16,6 +16,7 @@ from keras_maskrcnn.layers.mask_head import MaskHead
 from keras_maskrcnn.layers.roi_align import MultiLevelROIAlign
 from keras_maskrcnn.matching import BalancedPositiveNegativeSampler
 from keras_maskrcnn.rpn import as_layer
+from keras_maskrcnn.training_statistics import box_head_statistics, mask_statistics
 
 # The pyramid levels RoIs are pooled from (torchvision's MultiScaleRoIAlign featmap_names).
 ROI_LEVELS = ("P2", "P3", "P4", "P5")
@@ -118,12 +119,15 @@ class RoIHeads(keras.layers.Layer):
         targets: Mapping[str, tf.Tensor],
         image_sizes: tf.Tensor,
         training: bool = True,
-    ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+        statistics: bool = False,
+    ) -> Tuple[Dict[str, tf.Tensor], ...]:
         """Class, box and mask losses for a batch, with ground truth ``targets`` (``boxes [B, G,
         4]``, ``classes [B, G]`` int with 0 in padding rows, ``masks [B, G, N, N]`` coverage).
 
         Returns ``(losses, counts)``: ``class_loss`` and ``box_loss`` are means over the sampled
         RoIs, ``mask_loss`` over the foreground RoIs; counts give the number of items of each.
+        With ``statistics=True`` also detectron2's training statistics of the heads on this batch
+        (:mod:`keras_maskrcnn.training_statistics`, each a ``(numerator, denominator)`` pair).
         """
         gt_boxes = tf.cast(targets["boxes"], tf.float32)
         gt_classes = tf.cast(targets["classes"], tf.int32)
@@ -159,7 +163,12 @@ class RoIHeads(keras.layers.Layer):
         num_rois = tf.reduce_sum(tf.cast(rois["valid"], tf.float32))
         num_pos = tf.reduce_sum(tf.cast(pos_valid, tf.float32))
         losses = {"class_loss": class_loss, "box_loss": box_loss, "mask_loss": mask_loss}
-        return losses, {"class_loss": num_rois, "box_loss": num_rois, "mask_loss": num_pos}
+        counts = {"class_loss": num_rois, "box_loss": num_rois, "mask_loss": num_pos}
+        if not statistics:
+            return losses, counts
+        stats = box_head_statistics(class_logits, rois["labels"], rois["valid"], rois["positive"])
+        stats.update(mask_statistics(loss_fns.own_class_mask_logits(mask_logits, pos_labels), mask_targets, pos_valid))
+        return losses, counts, stats
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
