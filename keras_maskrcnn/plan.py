@@ -50,6 +50,10 @@ TORCHVISION_MIN_SIZE, TORCHVISION_MAX_SIZE = transform.MIN_SIZE, transform.MAX_S
 BATCH_PIXELS = 8 * 256 * 256
 MAX_AUTO_BATCH = 8
 DEFAULT_EPOCHS = 12  # without a recipe
+# From scratch, held-out AP still rises steeply until about this many training images seen (the
+# small preset on synthetic shapes, BENCHMARKS.md: 1920 images seen -> segm AP50 0.33 at any batch
+# size, 4000 -> 0.62); a shorter from-scratch plan says so.
+FROM_SCRATCH_IMAGES_SEEN = 5000
 
 
 @dataclasses.dataclass
@@ -77,6 +81,7 @@ class TrainingPlan:
     augmentation: Optional[str] = None  # None: the pipeline's default (flip)
     augmentation_options: Optional[Dict[str, Any]] = None
     sync_batch_norm: bool = False
+    note: Optional[str] = None  # advice printed with the plan
 
     @property
     def min_size(self) -> int:
@@ -169,7 +174,7 @@ class TrainingPlan:
             f"({self.total_steps} steps)",
             f"  optimizer  {self.optimizer}, lr {self.learning_rate:g}, {self.schedule} schedule after "
             f"{min(self.warmup_steps, self.steps_per_epoch)} warmup steps, weight decay {self.weight_decay:g}{clip}",
-        ] + ([f"  training   {'; '.join(extras)}"] if extras else []))
+        ] + ([f"  training   {'; '.join(extras)}"] if extras else []) + ([f"  note       {self.note}"] if self.note else []))
 
 
 def _options_text(options: Optional[Dict[str, Any]]) -> str:
@@ -283,7 +288,18 @@ def plan_training(
         augmentation=augmentation,
         augmentation_options=options,
         sync_batch_norm=bool(recipe and recipe.sync_batch_norm) if sync_batch_norm is None else sync_batch_norm,
+        note=None if pretrained or recipe else _from_scratch_note(epochs, steps * batch_size),
     )
+
+
+def _from_scratch_note(epochs: int, images_per_epoch: int) -> Optional[str]:
+    """Advice when a from-scratch plan ends long before the model stops improving."""
+    seen = epochs * images_per_epoch
+    if seen >= FROM_SCRATCH_IMAGES_SEEN:
+        return None
+    suggested = math.ceil(FROM_SCRATCH_IMAGES_SEEN / images_per_epoch)
+    return (f"trains on {seen} images seen in all; from scratch, held-out AP still rises steeply until about "
+            f"{FROM_SCRATCH_IMAGES_SEEN} (BENCHMARKS.md): --epochs {suggested} gets there")
 
 
 def _image_size(image_sizes, min_size, max_size) -> Tuple[int, int]:

@@ -42,6 +42,10 @@ def test_from_scratch_plan_is_the_small_preset_with_adamw(monkeypatch):
     text = plan.describe()
     for expected in ("resnet18", "256", "float32", "20 steps per epoch", "adamw"):
         assert expected in text
+    # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 5000.
+    assert "1920 images seen" in text and "--epochs 32" in text
+    assert plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False).note is None
+    assert plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=True).note is None
 
 
 def test_pretrained_plan_is_torchvisions_recipe(monkeypatch):
