@@ -1,6 +1,8 @@
 """Tests of keras_maskrcnn.data.augment: multi-scale and large-scale jitter (images, boxes and
 box-relative coverage masks together) against torchvision.transforms.v2 with forced random draws,
 the crop's mask re-sampling against full-resolution masks, edge cases and the pipeline."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -466,3 +468,20 @@ def test_pipeline_presets_by_name(name, options):
 def test_unknown_augmentation_name():
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment.get("mosaic")
+
+
+def test_show_augmentations_example_draws_every_preset(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "show_augmentations.py")
+    spec = importlib.util.spec_from_file_location("show_augmentations", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    example.main(["--data", str(tmp_path / "absent"), "--output", str(out), "--batch", "2",
+                  "--min-size", "128", "--max-size", "160"])
+    for name in example.PRESETS:
+        picture = np.asarray(Image.open(out / f"{name}.png"))
+        assert picture.ndim == 3 and picture.shape[0] >= 64 and picture.shape[1] >= 2 * 64, (name, picture.shape)
