@@ -371,7 +371,27 @@ for k, v in m.state_dict().items():
     outputs["sd." + k] = v
 """
 
-TV_SCRIPT = TV_FAST_ROI_ALIGN + r"""
+# torchvision side: the output layers scaled to a set spread of their outputs on this batch, so that
+# no near-ties decide proposal top-k / NMS or detections (the parity scripts start with this).
+TV_RESCALE = r"""
+def rescale(module, output, std, center=False):
+    factor = std / output.std()
+    module.weight.mul_(factor)
+    module.bias.mul_(factor)
+    if center:  # every class about as likely
+        module.bias.sub_(output.mean(0) * factor)
+
+def rescale_rpn_head(head, features):  # objectness logits of spread 1, deltas 0.2, over every level
+    levels = [head.conv(f) for f in features.values()]
+    rescale(head.cls_logits, torch.cat([head.cls_logits(t).flatten() for t in levels]), 1.0)
+    rescale(head.bbox_pred, torch.cat([head.bbox_pred(t).flatten() for t in levels]), 0.2)
+
+def rescale_box_predictor(predictor, x, cls_std):  # x: the box head's output
+    rescale(predictor.cls_score, predictor.cls_score(x), cls_std, center=True)
+    rescale(predictor.bbox_pred, predictor.bbox_pred(x), 1.0)
+"""
+
+TV_SCRIPT = TV_FAST_ROI_ALIGN + TV_RESCALE + r"""
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 torch.manual_seed(0)
@@ -394,22 +414,11 @@ with torch.no_grad():
     m.eval()
     features = m.backbone(batch.tensors)
 
-    def rescale(module, output, std, center=False):
-        factor = std / output.std()
-        module.weight.mul_(factor)
-        module.bias.mul_(factor)
-        if center:  # every class about as likely
-            module.bias.sub_(output.mean(0) * factor)
-
-    head = m.rpn.head
-    levels = [head.conv(f) for f in features.values()]
-    rescale(head.cls_logits, torch.cat([head.cls_logits(t).flatten() for t in levels]), 1.0)
-    rescale(head.bbox_pred, torch.cat([head.bbox_pred(t).flatten() for t in levels]), 0.2)
+    rescale_rpn_head(m.rpn.head, features)
     proposals, _ = m.rpn(batch, features)
     roi_heads = m.roi_heads
     x = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
-    rescale(roi_heads.box_predictor.cls_score, roi_heads.box_predictor.cls_score(x), float(inputs["cls_std"]), center=True)
-    rescale(roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.bbox_pred(x), 1.0)
+    rescale_box_predictor(roi_heads.box_predictor, x, float(inputs["cls_std"]))
     captured = []
     hook = roi_heads.mask_predictor.mask_fcn_logits.register_forward_hook(lambda mod, i, o: captured.append(o))
     roi_heads(features, proposals, batch.image_sizes)

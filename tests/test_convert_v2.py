@@ -207,7 +207,7 @@ def test_v2_fine_tuning_and_files(state, loaded, tmp_path):
 # 6e-5 with this) and float32 noise alone moves scores by more than 1e-4. The RPN and predictor
 # outputs are rescaled as for v1: scores decisive but not saturated.
 PERTURB = 0.1
-TV_V2_SCRIPT = v1.TV_FAST_ROI_ALIGN + r"""
+TV_V2_SCRIPT = v1.TV_FAST_ROI_ALIGN + v1.TV_RESCALE + r"""
 from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
 torch.manual_seed(0)
@@ -247,24 +247,13 @@ with torch.no_grad():
     calibrate(m.backbone.fpn, m.backbone.body(batch.tensors))
     features = m.backbone(batch.tensors)
 
-    def rescale(module, output, std, center=False):
-        factor = std / output.std()
-        module.weight.mul_(factor)
-        module.bias.mul_(factor)
-        if center:  # every class about as likely
-            module.bias.sub_(output.mean(0) * factor)
-
-    head = m.rpn.head
-    levels = [head.conv(f) for f in features.values()]  # conv: two Conv2d + ReLU
-    rescale(head.cls_logits, torch.cat([head.cls_logits(t).flatten() for t in levels]), 1.0)
-    rescale(head.bbox_pred, torch.cat([head.bbox_pred(t).flatten() for t in levels]), 0.2)
+    rescale_rpn_head(m.rpn.head, features)  # v2's head.conv: two Conv2d + ReLU
     proposals, _ = m.rpn(batch, features)
     roi_heads = m.roi_heads
     pooled = roi_heads.box_roi_pool(features, proposals, batch.image_sizes)
     calibrate(roi_heads.box_head, pooled)
     x = roi_heads.box_head(pooled)
-    rescale(roi_heads.box_predictor.cls_score, roi_heads.box_predictor.cls_score(x), float(inputs["cls_std"]), center=True)
-    rescale(roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.bbox_pred(x), 1.0)
+    rescale_box_predictor(roi_heads.box_predictor, x, float(inputs["cls_std"]))
     # The mask head's statistics on the RoIs it sees at inference: the detections.
     detected, _ = roi_heads(features, proposals, batch.image_sizes)
     calibrate(roi_heads.mask_head, roi_heads.mask_roi_pool(features, [d["boxes"] for d in detected], batch.image_sizes))

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tvref
-from test_convert import TV_FAST_ROI_ALIGN
+from test_convert import TV_FAST_ROI_ALIGN, TV_RESCALE
 
 from keras_maskrcnn import boxes as box_ops
 from keras_maskrcnn import targets as target_fns
@@ -90,7 +90,7 @@ _rois = torch.cat([torch.randint(0, 2, (12, 1), generator=_check).float(),
 assert torch.allclose(torchvision.ops.roi_align(_masks, _rois, 5, 1.0), _original_roi_align(_masks, _rois, 1.0, 5, 5, -1, False), rtol=0, atol=1e-6)
 """
 
-TV_TRAIN_SCRIPT = TV_FAST_ROI_ALIGN + TV_ADAPTIVE_ROI_ALIGN + r"""
+TV_TRAIN_SCRIPT = TV_FAST_ROI_ALIGN + TV_RESCALE + TV_ADAPTIVE_ROI_ALIGN + r"""
 from torchvision.models import resnet50
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -131,13 +131,6 @@ def calibrate(name):
         module.running_var.copy_(x.var((0, 2, 3), unbiased=False))
     return hook
 
-def rescale(module, output, std, center=False):
-    factor = std / output.std()
-    module.weight.mul_(factor)
-    module.bias.mul_(factor)
-    if center:  # every class about as likely
-        module.bias.sub_(output.mean(0) * factor)
-
 m.eval()
 m.transform.train()  # no resizing
 m.rpn._pre_nms_top_n["testing"], m.rpn._post_nms_top_n["testing"] = 300, 200  # for the rescaling only
@@ -148,15 +141,11 @@ with torch.no_grad():
     for hook in hooks:
         hook.remove()
     features = m.backbone(batch.tensors)
-    head = m.rpn.head
-    levels = [head.conv(f) for f in features.values()]
-    rescale(head.cls_logits, torch.cat([head.cls_logits(t).flatten() for t in levels]), 1.0)
-    rescale(head.bbox_pred, torch.cat([head.bbox_pred(t).flatten() for t in levels]), 0.2)
+    rescale_rpn_head(m.rpn.head, features)
     proposals, _ = m.rpn(batch, features)
     roi_heads = m.roi_heads
     x = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
-    rescale(roi_heads.box_predictor.cls_score, roi_heads.box_predictor.cls_score(x), 1.0, center=True)
-    rescale(roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.bbox_pred(x), 1.0)
+    rescale_box_predictor(roi_heads.box_predictor, x, 1.0)
     few = [p[:16] for p in proposals]  # the mask head is costly: its logits' spread from a few RoIs
     x = roi_heads.mask_head(roi_heads.mask_roi_pool(features, few, batch.image_sizes))
     x = roi_heads.mask_predictor.conv5_mask(x).relu()
