@@ -1,9 +1,12 @@
 """The compiled MultiLevelRoiAlign op (custom_ops/roi_align) against the numpy reference and the
 stock-op (crop_and_resize) implementation, and MultiLevelROIAlign's implementation switch.
 
-The op tests need ``custom_ops/roi_align/_roi_align_ops.so``. If it is missing, a session fixture
-builds it (``make -C custom_ops``, ~15-40 s) when ``make`` and a C++ compiler are found; otherwise,
-or if the build fails, they skip (set ``KERAS_MASKRCNN_REQUIRE_CUSTOM_OP=1`` to fail instead).
+The op tests need the compiled library. Where it is already built (``make custom-ops``, as CI does)
+they use it. Otherwise a module fixture builds it into a temporary folder (``make -C custom_ops
+SO=...``, ~15-40 s) when ``make`` and a C++ compiler are found, loads it from there for this module
+only and forgets it afterwards: the checkout is left as it was and the rest of ``make test`` keeps
+running the stock-op path it would run without the op. Without a compiler, or if the build fails,
+the op tests skip (set ``KERAS_MASKRCNN_REQUIRE_CUSTOM_OP=1`` to fail instead).
 """
 import logging
 import os
@@ -33,30 +36,36 @@ def _unavailable(reason):
     pytest.skip(f"compiled RoIAlign op unavailable: {reason}")
 
 
-@pytest.fixture(scope="session")
-def op():
-    """The loaded op module, building the library first if needed (and possible)."""
+@pytest.fixture(scope="module")
+def op(tmp_path_factory):
+    """The loaded op module: the built library, or one built into a temporary folder for this
+    module (then forgotten, so that later test modules run without it as before)."""
     if custom_roi_align.available():
-        return custom_roi_align
+        yield custom_roi_align
+        return
     if os.environ.get(custom_roi_align.ENV_VAR):
         _unavailable(custom_roi_align.unavailable_reason())
     compiler = os.environ.get("CXX", "g++")
     if not (shutil.which("make") and shutil.which(compiler)):
         _unavailable(f"not built, and make / {compiler} not found to build it")
+    build = tmp_path_factory.mktemp("custom_op")
+    library = str(build / custom_roi_align.LIBRARY_NAME)
+    command = ["make", "-C", os.path.join(ROOT, "custom_ops"), f"PYTHON={sys.executable}", f"SO={library}",
+               f"BUILD={build / 'objects'}"]
     try:
-        result = subprocess.run(
-            ["make", "-C", os.path.join(ROOT, "custom_ops"), f"PYTHON={sys.executable}"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
-        _unavailable("`make -C custom_ops` took over 300 s")
+        _unavailable(f"`{' '.join(command)}` took over 300 s")
     if result.returncode != 0:
-        _unavailable(f"`make -C custom_ops` failed:\n{(result.stdout + result.stderr)[-3000:]}")
-    if not custom_roi_align.reload():
-        _unavailable(custom_roi_align.unavailable_reason())
-    return custom_roi_align
+        _unavailable(f"`{' '.join(command)}` failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    os.environ[custom_roi_align.ENV_VAR] = library
+    try:
+        if not custom_roi_align.reload():
+            _unavailable(custom_roi_align.unavailable_reason())
+        yield custom_roi_align
+    finally:
+        del os.environ[custom_roi_align.ENV_VAR]
+        custom_roi_align.forget()
 
 
 # ----------------------------------------------------------------------------- inputs and references

@@ -90,6 +90,16 @@ def reload() -> bool:
     return available()
 
 
+def forget() -> None:
+    """Drop the loaded module and any failure, so that the next :func:`available` looks again
+    (the library itself stays loaded in the process). Tests that load a library built elsewhere
+    use it to hand ``"auto"`` back to the stock path afterwards."""
+    global _ops, _error
+    with _lock:
+        _ops = None
+        _error = None
+
+
 def auto_fallback_reason() -> Optional[str]:
     """Why ``implementation="auto"`` does not use the compiled op here (``None``: it does)."""
     if not available():
