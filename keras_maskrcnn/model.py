@@ -20,6 +20,7 @@ from keras_maskrcnn.model_settings import (
     flat_settings,
     flatten_stage_settings,
     group_stage_settings,
+    stage_arguments,
 )
 from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
 from keras_maskrcnn.roi_heads import build_roi_heads
@@ -194,52 +195,20 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         )
 
         policy = self.dtype_policy
+        # Each stage gets its settings under its own names, renamed by the one mapping (STAGE_SETTINGS).
+        flat = {name: value for name, value in locals().items() if name in _FLAT_DEFAULTS}
         self._backbone_name = backbone if isinstance(backbone, str) else None
-        self.backbone = build_backbone(
-            backbone, trainable_layers=trainable_backbone_layers, norm=backbone_norm, dtype=policy
-        )
-        self.fpn = FeaturePyramidNetwork(fpn_channels, norm=fpn_norm, dtype=policy, name="fpn")
+        self.backbone = build_backbone(backbone, **stage_arguments("backbone_config", flat), dtype=policy)
+        self.fpn = FeaturePyramidNetwork(**stage_arguments("fpn_config", flat), dtype=policy, name="fpn")
         self.rpn = build_rpn(
-            as_layer(rpn_head),
-            channels=fpn_channels,
-            conv_depth=rpn_conv_depth,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-            pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-            post_nms_top_n_train=rpn_post_nms_top_n_train,
-            post_nms_top_n_test=rpn_post_nms_top_n_test,
-            nms_threshold=rpn_nms_threshold,
-            min_size=rpn_min_size,
-            fg_iou_threshold=rpn_fg_iou_threshold,
-            bg_iou_threshold=rpn_bg_iou_threshold,
-            batch_size_per_image=rpn_batch_size_per_image,
-            positive_fraction=rpn_positive_fraction,
-            dtype=policy,
+            as_layer(rpn_head), channels=fpn_channels, **stage_arguments("rpn_config", flat), dtype=policy
         )
         self.roi_heads = build_roi_heads(
             num_classes,
             as_layer(box_head),
             as_layer(mask_head),
             channels=fpn_channels,
-            box_roi_size=box_roi_size,
-            mask_roi_size=mask_roi_size,
-            sampling_ratio=sampling_ratio,
-            aligned=aligned,
-            representation_size=representation_size,
-            box_head_convs=box_head_convs,
-            box_head_fcs=box_head_fcs,
-            mask_head_convs=mask_head_convs,
-            mask_head_channels=mask_head_channels,
-            head_norm=head_norm,
-            score_threshold=box_score_threshold,
-            nms_threshold=box_nms_threshold,
-            detections_per_image=detections_per_image,
-            fg_iou_threshold=box_fg_iou_threshold,
-            bg_iou_threshold=box_bg_iou_threshold,
-            batch_size_per_image=box_batch_size_per_image,
-            positive_fraction=box_positive_fraction,
-            box_coder_weights=box_coder_weights,
+            **stage_arguments("roi_heads_config", flat),
             dtype=policy,
         )
         # Settings that only shape the default heads, kept for get_config.

@@ -80,6 +80,12 @@ STAGE_SETTINGS: Dict[str, Dict[str, str]] = {
 }
 
 
+def stage_arguments(group: str, flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings of ``group`` in ``flat`` (MaskRCNN's flat arguments) under the stage's own
+    names: the keywords the constructor builds that stage with."""
+    return {stage: flat[model] for model, stage in STAGE_SETTINGS[group].items()}
+
+
 def flatten_stage_settings(
     groups: Mapping[str, Optional[Mapping[str, Any]]], flat: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> Dict[str, Any]:
