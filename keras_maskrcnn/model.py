@@ -71,6 +71,11 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         box_head_fcs: FC layers of the box head (v1: 2, v2: 1).
         head_norm: ``None`` (v1) or ``"batch_norm"`` after each convolution of the box and mask
             heads (v2; it also makes training from scratch converge much faster).
+        box_gt_jitter_copies, box_gt_jitter_std: in training, add this many randomly jittered
+            copies of each ground truth box to the RoI candidates (centre shift and log-scale noise
+            of ``box_gt_jitter_std`` box sizes; :func:`keras_maskrcnn.targets.jitter_boxes`). 0
+            (torchvision's rule) adds none; the small from-scratch preset uses 4, which gives the
+            heads several foreground RoIs per object while the proposals are still poor.
         rpn_head, box_head, mask_head: optional layers that replace the default heads (a new head
             architecture; the stages' call contracts: :class:`~keras_maskrcnn.layers.rpn.RPNHead`,
             :class:`~keras_maskrcnn.layers.box_head.BoxHead`, :class:`~keras_maskrcnn.layers.mask_head.MaskHead`).
@@ -134,6 +139,8 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         box_bg_iou_threshold: float = 0.5,
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
+        box_gt_jitter_copies: int = 0,
+        box_gt_jitter_std: float = 0.1,
         box_coder_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         mask_threshold: float = 0.5,
         mask_output: str = "binary",

@@ -35,6 +35,8 @@ class FlatSettings:
     box_bg_iou_threshold = property(lambda self: self.roi_heads.bg_iou_threshold)
     box_batch_size_per_image = property(lambda self: self.roi_heads.sampler.batch_size_per_image)
     box_positive_fraction = property(lambda self: self.roi_heads.sampler.positive_fraction)
+    box_gt_jitter_copies = property(lambda self: self.roi_heads.gt_jitter_copies)
+    box_gt_jitter_std = property(lambda self: self.roi_heads.gt_jitter_std)
     representation_size = property(lambda self: self._head_settings["representation_size"])
     mask_head_convs = property(lambda self: self._head_settings["mask_head_convs"])
     mask_head_channels = property(lambda self: self._head_settings["mask_head_channels"])
@@ -73,6 +75,8 @@ STAGE_SETTINGS: Dict[str, Dict[str, str]] = {
         "box_bg_iou_threshold": "bg_iou_threshold",
         "box_batch_size_per_image": "batch_size_per_image",
         "box_positive_fraction": "positive_fraction",
+        "box_gt_jitter_copies": "gt_jitter_copies",
+        "box_gt_jitter_std": "gt_jitter_std",
     },
     "transform_config": {
         name: name for name in ("image_mean", "image_std", "min_size", "max_size", "size_divisible", "mask_threshold")
@@ -150,6 +154,8 @@ def flat_settings(model) -> Dict[str, Any]:
         "box_bg_iou_threshold": roi_heads.bg_iou_threshold,
         "box_batch_size_per_image": roi_heads.sampler.batch_size_per_image,
         "box_positive_fraction": roi_heads.sampler.positive_fraction,
+        "box_gt_jitter_copies": roi_heads.gt_jitter_copies,
+        "box_gt_jitter_std": roi_heads.gt_jitter_std,
         "box_coder_weights": list(roi_heads.box_coder.weights),
         "mask_threshold": model.mask_threshold,
         "mask_output": model.mask_output,

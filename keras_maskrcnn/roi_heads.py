@@ -49,6 +49,9 @@ class RoIHeads(keras.layers.Layer):
         fg_iou_threshold, bg_iou_threshold: proposals with IoU ``>= fg`` with a ground truth are
             foreground, ``< bg`` background.
         batch_size_per_image, positive_fraction: RoIs sampled per image and their foreground share.
+        gt_jitter_copies, gt_jitter_std: jittered copies of each ground truth box added to the
+            RoI candidates in training (:func:`keras_maskrcnn.targets.sample_rois`; 0, torchvision's
+            rule, adds none).
 
     Call arguments:
         features: dict of NHWC maps including ``"P2".."P5"``.
@@ -71,6 +74,8 @@ class RoIHeads(keras.layers.Layer):
         bg_iou_threshold: float = 0.5,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
+        gt_jitter_copies: int = 0,
+        gt_jitter_std: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -82,6 +87,12 @@ class RoIHeads(keras.layers.Layer):
         self.fg_iou_threshold = fg_iou_threshold
         self.bg_iou_threshold = bg_iou_threshold
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        if gt_jitter_copies < 0 or gt_jitter_std < 0:
+            raise ValueError(
+                f"gt_jitter_copies and gt_jitter_std must be >= 0, got {gt_jitter_copies!r} and {gt_jitter_std!r}."
+            )
+        self.gt_jitter_copies = int(gt_jitter_copies)
+        self.gt_jitter_std = float(gt_jitter_std)
 
     @property
     def box_coder(self) -> BoxCoder:
@@ -141,6 +152,9 @@ class RoIHeads(keras.layers.Layer):
             self.sampler.batch_size_per_image,
             self.sampler.positive_fraction,
             self.box_coder.weights,
+            gt_jitter_copies=self.gt_jitter_copies if training else 0,
+            gt_jitter_std=self.gt_jitter_std,
+            image_sizes=image_sizes,
         )
         pooled = self._pool(self.box_roi_align, features, rois["rois"])
         class_logits, box_deltas = self.box_head(pooled, training=training, valid=rois["valid"])
@@ -183,6 +197,8 @@ class RoIHeads(keras.layers.Layer):
                 "bg_iou_threshold": self.bg_iou_threshold,
                 "batch_size_per_image": self.sampler.batch_size_per_image,
                 "positive_fraction": self.sampler.positive_fraction,
+                "gt_jitter_copies": self.gt_jitter_copies,
+                "gt_jitter_std": self.gt_jitter_std,
             }
         )
         return config
@@ -212,6 +228,8 @@ def build_roi_heads(
     batch_size_per_image: int = 512,
     positive_fraction: float = 0.25,
     box_coder_weights=(10.0, 10.0, 5.0, 5.0),
+    gt_jitter_copies: int = 0,
+    gt_jitter_std: float = 0.1,
     dtype=None,
 ) -> RoIHeads:
     """A :class:`RoIHeads` from torchvision's argument names (its defaults are torchvision's v1).
@@ -245,6 +263,8 @@ def build_roi_heads(
         bg_iou_threshold=bg_iou_threshold,
         batch_size_per_image=batch_size_per_image,
         positive_fraction=positive_fraction,
+        gt_jitter_copies=gt_jitter_copies,
+        gt_jitter_std=gt_jitter_std,
         dtype=dtype,
         name="roi_heads",
     )

@@ -16,7 +16,9 @@ import tensorflow as tf
 from keras_maskrcnn import boxes as box_ops
 from keras_maskrcnn.matching import BACKGROUND, IGNORE, BalancedPositiveNegativeSampler, Matcher, balanced_sample, match
 
-__all__ = ["BACKGROUND", "IGNORE", "match", "balanced_sample", "rpn_targets", "sample_rois", "mask_targets"]
+__all__ = [
+    "BACKGROUND", "IGNORE", "match", "balanced_sample", "rpn_targets", "jitter_boxes", "sample_rois", "mask_targets",
+]
 
 
 def _with_empty_row(t: tf.Tensor) -> tf.Tensor:
@@ -57,6 +59,29 @@ def rpn_targets(
     return tf.cast(positive, tf.float32), box_targets, positive, tf.logical_or(positive, negative)
 
 
+def jitter_boxes(
+    boxes: tf.Tensor, copies: int, std: float = 0.1, image_sizes: Optional[tf.Tensor] = None
+) -> tf.Tensor:
+    """``copies`` random perturbations of each ``[B, G, 4]`` box, ``[B, copies * G, 4]`` (copy
+    ``c`` of box ``g`` at ``c * G + g``).
+
+    Each copy moves the box centre by ``N(0, std)`` times the box width (x) and height (y) and
+    scales width and height by ``exp(N(0, std))``, independently; with ``std = 0.1`` most copies
+    overlap their box with IoU 0.6-0.9. Clipped to ``image_sizes [B, 2]`` (height, width) when
+    given. Zero (padding) boxes stay zero-sized.
+    """
+    boxes = tf.cast(boxes, tf.float32)
+    tiled = tf.tile(boxes, [1, copies, 1])
+    width, height = tiled[..., 2] - tiled[..., 0], tiled[..., 3] - tiled[..., 1]
+    noise = tf.random.normal(tf.shape(tiled), stddev=std)
+    cx = tiled[..., 0] + 0.5 * width + noise[..., 0] * width
+    cy = tiled[..., 1] + 0.5 * height + noise[..., 1] * height
+    half_w = 0.5 * width * tf.exp(noise[..., 2])
+    half_h = 0.5 * height * tf.exp(noise[..., 3])
+    jittered = tf.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
+    return jittered if image_sizes is None else box_ops.clip_boxes(jittered, image_sizes)
+
+
 def sample_rois(
     proposals: tf.Tensor,
     num_proposals: tf.Tensor,
@@ -67,8 +92,18 @@ def sample_rois(
     batch_size_per_image: int = 512,
     positive_fraction: float = 0.25,
     box_coder_weights=(10.0, 10.0, 5.0, 5.0),
+    gt_jitter_copies: int = 0,
+    gt_jitter_std: float = 0.1,
+    image_sizes: Optional[tf.Tensor] = None,
 ):
     """Sample RoIs for the box and mask heads from proposals plus the ground truth boxes.
+
+    torchvision's rule (``add_gt_proposals``): the candidates are the proposals and the ground
+    truth boxes themselves. With ``gt_jitter_copies = k > 0`` they also include ``k`` randomly
+    jittered copies of each ground truth box (:func:`jitter_boxes` with ``gt_jitter_std``, clipped
+    to ``image_sizes [B, 2]`` when given): early in training, when the proposals hit few objects,
+    the heads then see several foreground RoIs per object instead of one (not in torchvision; the
+    small from-scratch preset uses it, BENCHMARKS.md).
 
     Returns a dict, each ``[B, R, ...]`` with ``R = batch_size_per_image``, positives first:
     ``rois`` (x1, y1, x2, y2), ``labels`` int32 (0 background), ``matched_gt`` int32 index into
@@ -78,8 +113,12 @@ def sample_rois(
     gt_boxes, gt_classes = _with_empty_row(gt_boxes), _with_empty_row(gt_classes)
     gt_valid = gt_classes > 0
     num_props = tf.shape(proposals)[1]
-    candidates = tf.concat([proposals, gt_boxes], axis=1)
-    valid = tf.concat([tf.sequence_mask(num_proposals, num_props), gt_valid], axis=1)
+    candidates = [proposals, gt_boxes]
+    valid = [tf.sequence_mask(num_proposals, num_props), gt_valid]
+    if gt_jitter_copies:
+        candidates.append(jitter_boxes(gt_boxes, gt_jitter_copies, gt_jitter_std, image_sizes))
+        valid.append(tf.tile(gt_valid, [1, gt_jitter_copies]))
+    candidates, valid = tf.concat(candidates, axis=1), tf.concat(valid, axis=1)
     iou = box_ops.pairwise_iou(candidates, gt_boxes)
     matches = Matcher(fg_iou_threshold, bg_iou_threshold, allow_low_quality_matches=False)(iou, gt_valid)
     positive, negative = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)(matches, valid)

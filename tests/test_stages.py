@@ -83,9 +83,13 @@ def test_injected_heads_save_and_reload_with_identical_predictions(tmp_path):
 
 
 def test_stages_own_their_settings_and_serialise_nested():
-    model = MaskRCNN(num_classes=2, rpn_fg_iou_threshold=0.6, box_batch_size_per_image=32, **TINY)
+    model = MaskRCNN(num_classes=2, rpn_fg_iou_threshold=0.6, box_batch_size_per_image=32, box_gt_jitter_copies=3,
+                     box_gt_jitter_std=0.2, **TINY)
     assert isinstance(model.rpn, RegionProposalNetwork) and isinstance(model.roi_heads, RoIHeads)
     assert model.rpn.fg_iou_threshold == 0.6 and model.roi_heads.sampler.batch_size_per_image == 32
+    assert (model.roi_heads.gt_jitter_copies, model.roi_heads.gt_jitter_std) == (3, 0.2)
+    assert model.get_config()["box_gt_jitter_copies"] == 3 and model.stage_config()["roi_heads_config"]["gt_jitter_std"] == 0.2
+    assert MaskRCNN.from_config(model.get_config()).roi_heads.gt_jitter_copies == 3
     assert model.roi_heads.box_coder == BoxCoder((10.0, 10.0, 5.0, 5.0))
     for stage in (model.rpn, model.roi_heads):
         again = keras.layers.deserialize(keras.layers.serialize(stage))
@@ -106,7 +110,8 @@ def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
                     "post_nms_top_n_test": 30, "batch_size_per_image": 64},
         roi_heads_config={"representation_size": 32, "mask_head_convs": 1, "mask_head_channels": 16,
                           "score_threshold": 0.0, "nms_threshold": 0.4, "detections_per_image": 10,
-                          "batch_size_per_image": 32, "box_coder_weights": (5.0, 5.0, 2.0, 2.0)},
+                          "batch_size_per_image": 32, "box_coder_weights": (5.0, 5.0, 2.0, 2.0),
+                          "gt_jitter_copies": 2},
         transform_config={"min_size": 64, "max_size": 96, "mask_threshold": 0.4},
     )
     flat = MaskRCNN(
@@ -115,7 +120,7 @@ def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=64,
         representation_size=32, mask_head_convs=1, mask_head_channels=16, box_score_threshold=0.0,
         box_nms_threshold=0.4, detections_per_image=10, box_batch_size_per_image=32,
-        box_coder_weights=(5.0, 5.0, 2.0, 2.0), min_size=64, max_size=96, mask_threshold=0.4,
+        box_coder_weights=(5.0, 5.0, 2.0, 2.0), box_gt_jitter_copies=2, min_size=64, max_size=96, mask_threshold=0.4,
     )
     assert _settings(grouped) == _settings(flat)
     assert grouped.rpn.proposal_layer.nms_threshold == 0.6 and grouped.roi_heads.detection_layer.nms_threshold == 0.4

@@ -72,6 +72,83 @@ def test_sample_rois_without_ground_truth():
     assert np.all(out["box_targets"].numpy() == 0)
 
 
+def _iou(a, b):
+    """IoU of two (x1, y1, x2, y2) boxes, from the definition."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def test_jitter_boxes_layout_and_noise_statistics():
+    rng = np.random.default_rng()
+    xy = rng.uniform(0, 200, (2, 3, 2))
+    wh = rng.uniform(1, 60, (2, 3, 2))  # down to one-pixel objects
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    boxes[1, 2] = 0  # a padding row
+    copies, std = 4000, 0.1
+    got = targets.jitter_boxes(tf.constant(boxes), copies, std).numpy().reshape(2, copies, 3, 4)  # copy c of box g
+    got = got.transpose(0, 2, 1, 3)  # [image, box, copy, 4]
+    assert np.all(got[1, 2] == 0), "padding rows must stay zero-sized"
+    real = np.ones((2, 3), bool)
+    real[1, 2] = False
+    src, jit = np.broadcast_to(boxes[:, :, None], got.shape)[real], got[real]
+    w, h = src[..., 2] - src[..., 0], src[..., 3] - src[..., 1]
+    jw, jh = jit[..., 2] - jit[..., 0], jit[..., 3] - jit[..., 1]
+    # The four noises recovered from the definition: centre shift in box sizes, log size ratio.
+    noise = np.stack([
+        ((jit[..., 0] + jit[..., 2]) - (src[..., 0] + src[..., 2])) / (2 * w),
+        ((jit[..., 1] + jit[..., 3]) - (src[..., 1] + src[..., 3])) / (2 * h),
+        np.log(jw / w),
+        np.log(jh / h),
+    ], -1).reshape(-1, 4)
+    # 5 boxes x 4000 copies: the mean of N(0, 0.1) is within 0.1 / sqrt(20000) = 0.0007 (1 sigma),
+    # its sample std within 0.5 % (1 sigma); the bounds are about 6 sigma. float32 rounding of
+    # the coordinates (up to 260 px) is under 1e-4 of a 1 px box.
+    np.testing.assert_allclose(noise.mean(0), 0.0, atol=0.005)
+    np.testing.assert_allclose(noise.std(0), std, rtol=0.03)
+    ious = np.array([_iou(a, b) for a, b in zip(src.reshape(-1, 4)[::50], jit.reshape(-1, 4)[::50])])
+    assert np.median(ious) > 0.7 and np.mean(ious >= 0.5) > 0.9
+
+    sizes = tf.constant([[100, 120], [80, 90]])
+    clipped = targets.jitter_boxes(tf.constant(boxes), 50, 0.3, image_sizes=sizes).numpy()
+    assert clipped.min() >= 0 and np.all(clipped[0, :, [0, 2]] <= 120) and np.all(clipped[0, :, [1, 3]] <= 100)
+    assert np.all(clipped[1, :, [0, 2]] <= 90) and np.all(clipped[1, :, [1, 3]] <= 80)
+
+
+@pytest.mark.parametrize("num_proposals", [0, 3])
+def test_sample_rois_with_jittered_ground_truth(num_proposals):
+    rng = np.random.default_rng()
+    proposals = np.zeros((1, 4, 4), np.float32)
+    proposals[0, :3] = [[0, 0, 30, 30], [60, 60, 90, 95], [5, 50, 25, 60]]
+    gt = np.array([[[10, 12, 40, 44], [50, 48, 51, 49], [0, 0, 0, 0]]], np.float32)  # a 1 px object, padding
+    gt[0, 0] += rng.uniform(-5, 5, 4).astype(np.float32)
+    classes = np.array([[2, 1, 0]], np.int32)
+    copies = 5
+    out = targets.sample_rois(
+        tf.constant(proposals), tf.constant([num_proposals]), tf.constant(gt), tf.constant(classes),
+        batch_size_per_image=64, positive_fraction=0.5, gt_jitter_copies=copies, gt_jitter_std=0.1,
+        image_sizes=tf.constant([[100, 100]]),
+    )
+    valid, positive = out["valid"].numpy()[0], out["positive"].numpy()[0]
+    rois, labels, matched = out["rois"].numpy()[0], out["labels"].numpy()[0], out["matched_gt"].numpy()[0]
+    # Every candidate fits in 64 slots: the proposals, the two boxes and their 2 x 5 copies.
+    assert valid.sum() == num_proposals + 2 * (1 + copies)
+    assert rois[valid].min() >= 0 and rois[valid].max() <= 100
+    for roi, is_pos, label, g in zip(rois[valid], positive[valid], labels[valid], matched[valid]):
+        best = max(range(2), key=lambda k: _iou(roi, gt[0, k]))
+        if is_pos:
+            assert _iou(roi, gt[0, g]) >= 0.5 and label == classes[0, g]
+        else:
+            assert _iou(roi, gt[0, best]) < 0.5 and label == 0
+    # The boxes themselves are always positive; with std 0.1 most copies of the large box are too.
+    assert positive.sum() >= 2 + copies // 2
+    pos = np.flatnonzero(positive)
+    np.testing.assert_allclose(
+        out["box_targets"].numpy()[0, pos], ref.encode(gt[0, matched[pos]], rois[pos], (10, 10, 5, 5)), atol=1e-4
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # Mask targets against torchvision's project_masks_on_boxes on full-resolution masks
 # ------------------------------------------------------------------------------------------
