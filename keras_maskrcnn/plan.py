@@ -7,9 +7,10 @@
   the training images (at most torchvision's 800), the long side the largest long side (at most
   1333), so no training image is enlarged and COCO-sized photos get torchvision's sizes.
 * **Model**: with pretrained backbone weights, torchvision's ResNet-50 FPN configuration
-  (frozen batch norm, three trainable stages). Without weights, the small preset
-  (:func:`keras_maskrcnn.presets.small_model_config`: ResNet-18, trainable batch norm, narrow
-  heads) at the data's size: a ResNet-50 from scratch learns nothing in the time a CPU has.
+  (frozen batch norm, three trainable stages). Without weights, the from-scratch preset
+  (:func:`keras_maskrcnn.presets.from_scratch_config`: ResNet-18, trainable batch norm, a
+  128-channel FPN, jittered ground truth RoIs) at the data's size: a ResNet-50 from scratch
+  learns nothing in the time a CPU has.
 * **Recipe**: with weights, torchvision's schedule (SGD momentum 0.9, lr 0.02 per 16 images,
   warmup, step decay) with Keras' decoupled weight decay (``"sgd"``; torchvision's coupled L2 is
   the ``torchvision_v1`` recipe's ``"sgd_l2"``). Without, the from-scratch recipe of
@@ -314,7 +315,7 @@ def _image_size(image_sizes, min_size, max_size) -> Tuple[int, int]:
 
 def _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm, trainable_backbone_layers):
     """``(description, MaskRCNN arguments)``: the recipe's layout, torchvision's with weights or a
-    backbone other than resnet18, else the small preset; norm and trainable stages by
+    backbone other than resnet18, else the from-scratch preset; norm and trainable stages by
     torchvision's rule unless the user or the recipe says."""
     if recipe is not None:
         name = backbone or "resnet50"
@@ -328,9 +329,9 @@ def _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm, trai
         config = presets.torchvision_maskrcnn_resnet50_fpn_config(backbone=name, min_size=min_size, max_size=max_size)
         model_name = f"{name} FPN (torchvision's configuration)"
     else:
-        config = presets.small_model_config(image_size=min_size)
+        config = presets.from_scratch_config(image_size=min_size)
         config["max_size"] = max_size
-        model_name = "resnet18 FPN, small preset (presets.small_model_config)"
+        model_name = "resnet18 FPN, from-scratch preset (presets.from_scratch_config)"
     config["backbone_norm"] = backbone_norm or ("frozen_bn" if pretrained else "batch_norm")
     config["trainable_backbone_layers"] = (
         trainable_backbone_layers if trainable_backbone_layers is not None else (3 if pretrained else 5)

@@ -442,6 +442,12 @@ def _compare(reference, distributed, initial, implementation):
     print(f"{context}: max weight difference {worst:.3g} (largest update {moved:.3g})")
     assert worst < WEIGHT_BOUND * max(moved, 1.0), (
         f"{context}: max weight difference {worst} (largest update {moved})")
+    # The losses and detectron2's statistics (each reduced over replicas as sums of numerators and
+    # denominators) as logged per epoch, one device against the replicas.
+    from keras_maskrcnn.training_statistics import STATISTIC_NAMES
+
+    logged = set(reference.history)
+    assert set(STATISTIC_NAMES) <= logged and {"loss", "mask_loss"} <= logged, f"{context}: logged {sorted(logged)}"
     for name, values in reference.history.items():
         np.testing.assert_allclose(
             distributed.history[name], values, rtol=2e-4, atol=1e-6, err_msg=f"{context}: {name}")

@@ -27,12 +27,13 @@ def test_batch_size_follows_the_pixels():
     assert batch_size_for(800, 1333) == 2
 
 
-def test_from_scratch_plan_is_the_small_preset_with_adamw(monkeypatch):
+def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32" if p == "auto" else p)
     plan = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False)
     assert plan.model_config["backbone"] == "resnet18"
     assert plan.model_config["backbone_norm"] == "batch_norm"
     assert plan.model_config["trainable_backbone_layers"] == 5
+    assert plan.model_config["box_gt_jitter_copies"] == 4 and plan.model_config["fpn_channels"] == 128
     assert (plan.min_size, plan.max_size) == (256, 256)
     assert plan.batch_size == 8 and plan.steps_per_epoch == 20 and plan.total_steps == 240
     assert (plan.optimizer, plan.schedule) == ("adamw", "cosine")

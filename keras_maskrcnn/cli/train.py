@@ -63,7 +63,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The network, its initial weights and precision."""
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=sorted(BACKBONES),
-                       help="backbone network (default: resnet50 with --backbone-weights; without, the small "
+                       help="backbone network (default: resnet50 with --backbone-weights; without, the from-scratch "
                        "resnet18 preset, which learns from scratch on a CPU)")
     model.add_argument(
         "--preset", metavar="NAME",
