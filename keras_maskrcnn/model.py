@@ -74,8 +74,8 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         box_gt_jitter_copies, box_gt_jitter_std: in training, add this many randomly jittered
             copies of each ground truth box to the RoI candidates (centre shift and log-scale noise
             of ``box_gt_jitter_std`` box sizes; :func:`keras_maskrcnn.targets.jitter_boxes`). 0
-            (torchvision's rule) adds none; the small from-scratch preset uses 4, which gives the
-            heads several foreground RoIs per object while the proposals are still poor.
+            (torchvision's rule) adds none; ``presets.from_scratch_config`` uses 4, which gives
+            the heads several foreground RoIs per object while the proposals are still poor.
         rpn_head, box_head, mask_head: optional layers that replace the default heads (a new head
             architecture; the stages' call contracts: :class:`~keras_maskrcnn.layers.rpn.RPNHead`,
             :class:`~keras_maskrcnn.layers.box_head.BoxHead`, :class:`~keras_maskrcnn.layers.mask_head.MaskHead`).

@@ -64,10 +64,10 @@ def from_scratch_config(image_size: int = 256) -> Dict[str, Any]:
 
     Made for a fixed number of epochs on a small dataset, where what limits held-out AP is how
     much the model learns from each image, not the cost of a step: on 160 synthetic 256 x 256
-    images, 12 epochs of batch 8 reached held-out segm AP50 0.535 against 0.327 with the small
-    preset (AMD EPYC, AVX2, float32; BENCHMARKS.md, "Learning per image seen"), with steps about
-    1.6x as expensive. A time-limited run (``make demo``) is better served by the small preset's
-    cheaper steps.
+    images, 12 epochs of batch 8 reached held-out segm AP50 0.50 (mixed_bfloat16) and 0.56
+    (float32) against 0.34 with the small preset, with steps about 1.5x as expensive (AMD EPYC
+    Zen 4, AVX512_BF16; BENCHMARKS.md, "Learning per image seen"). A time-limited run (``make
+    demo``) is better served by the small preset's cheaper steps.
     """
     return dict(
         small_model_config(image_size),
