@@ -20,3 +20,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _keep_global_dtype_policy():
+    """Each test starts and ends with the same Keras global dtype policy: code that sets it (the
+    train command's plan, precision tests) must not change the precision of the tests after it,
+    which on a CPU with native bfloat16 (where ``auto`` picks ``mixed_bfloat16``) would loosen
+    every later numerical comparison."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    yield
+    keras.mixed_precision.set_global_policy(policy)

@@ -282,17 +282,23 @@ def test_export_writes_a_versioned_saved_model(model_dir, tmp_path, capsys):
 
 
 def test_train_without_options_prints_and_follows_its_plan(tmp_path, coco_dir, monkeypatch, capsys):
-    # The plan for a small from-scratch dataset: no upscaling, the small preset, AdamW, the
-    # precision "auto" picks (logged). Training itself is replaced: this checks the wiring.
+    # The plan for a small from-scratch dataset: no upscaling, the from-scratch preset, AdamW, the
+    # precision "auto" picks (logged), in force while training and not after. Training itself is
+    # replaced: this checks the wiring.
+    import keras
+
     import keras_maskrcnn.train as train_module
+    from keras_maskrcnn.precision import resolve_policy
 
     directory, annotations = coco_dir
     seen = {}
     monkeypatch.setattr(train_module, "train", lambda model, dataset, output, **kw: seen.update(
-        model=model, dataset=dataset, **kw))
+        model=model, dataset=dataset, policy=keras.mixed_precision.global_policy().name, **kw))
+    keras.mixed_precision.set_global_policy("float32")
     code = _run(["train", "--annotations", annotations, "--images", str(directory),
                  "--output", str(tmp_path / "run"), "--epochs", "12"])
     assert code == 0
+    assert seen["policy"] == resolve_policy("auto") and keras.mixed_precision.global_policy().name == "float32"
     out = capsys.readouterr().out
     assert "keras_maskrcnn precision auto -> " in out
     assert "Training plan:" in out and "resnet18" in out

@@ -264,35 +264,41 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(plan.describe())
         if replicas > 1:
             print(f"  replicas   {replicas} ({args.strategy}), {plan.batch_size // replicas} image(s) per replica")
+    # The plan's precision for this run only: main() called from Python (or a test) gets the
+    # process's policy back afterwards.
+    previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(plan.precision)
-    with strategy.scope():  # the model's and the optimizer's variables belong to the strategy
-        if args.preset is not None:
-            model = _preset_model(args.preset, data.num_classes, plan)
-        else:
-            model = plan.build_model(data.num_classes, backbone_weights=args.backbone_weights)
-    dataset = plan.build_dataset(data, model, repeat=args.steps_per_epoch is not None, seed=args.seed)
-    with strategy.scope():
-        optimizer = plan.build_optimizer()
-    train(
-        model,
-        dataset,
-        args.output,
-        epochs=plan.epochs,
-        optimizer=optimizer,
-        steps_per_epoch=args.steps_per_epoch,
-        callbacks=[EpochTimeEstimate(plan.steps_per_epoch, plan.epochs)] if chief else (),
-        val_annotations=val_annotations,
-        val_images=val_images,
-        eval_every=args.eval_every,
-        eval_max_images=args.eval_max_images,
-        resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints or None,
-        class_to_category=data.class_to_category,
-        class_names=data.class_names,
-        verbose=args.verbose,
-        backup_every=args.backup_every or None,
-        validate=False,  # done above
-    )
+    try:
+        with strategy.scope():  # the model's and the optimizer's variables belong to the strategy
+            if args.preset is not None:
+                model = _preset_model(args.preset, data.num_classes, plan)
+            else:
+                model = plan.build_model(data.num_classes, backbone_weights=args.backbone_weights)
+        dataset = plan.build_dataset(data, model, repeat=args.steps_per_epoch is not None, seed=args.seed)
+        with strategy.scope():
+            optimizer = plan.build_optimizer()
+        train(
+            model,
+            dataset,
+            args.output,
+            epochs=plan.epochs,
+            optimizer=optimizer,
+            steps_per_epoch=args.steps_per_epoch,
+            callbacks=[EpochTimeEstimate(plan.steps_per_epoch, plan.epochs)] if chief else (),
+            val_annotations=val_annotations,
+            val_images=val_images,
+            eval_every=args.eval_every,
+            eval_max_images=args.eval_max_images,
+            resume=args.resume,
+            keep_checkpoints=args.keep_checkpoints or None,
+            class_to_category=data.class_to_category,
+            class_names=data.class_names,
+            verbose=args.verbose,
+            backup_every=args.backup_every or None,
+            validate=False,  # done above
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
     if chief:
         print(f"Saved {os.path.join(args.output, 'model.keras')}")
     return 0
