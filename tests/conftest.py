@@ -3,6 +3,13 @@ import os
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's stock (Eigen) CPU kernels for the tests, on every CPU: TensorFlow turns oneDNN on by
+# default only on CPUs with AVX-512 VNNI/BF16 or AMX, and there its float32 convolutions are less
+# exact. Measured on an AMD EPYC Zen 4 (AVX512_BF16), test_training_parity's backbone gradients
+# against torchvision's float64 step: 2.5e-3 - 1.1e-2 relative with oneDNN, 1.0e-3 - 1.3e-3 with
+# the stock kernels, torchvision's own float32 2e-4 - 3.5e-4. Set TF_ENABLE_ONEDNN_OPTS=1 to test
+# oneDNN's kernels instead (the demo and benchmarks use them).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def pytest_addoption(parser):
