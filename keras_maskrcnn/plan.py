@@ -53,7 +53,8 @@ MAX_AUTO_BATCH = 8
 DEFAULT_EPOCHS = 12  # without a recipe
 # From scratch, held-out AP still rises steeply until about this many training images seen (the
 # small preset on synthetic shapes, BENCHMARKS.md: 1920 images seen -> segm AP50 0.33 at any batch
-# size, 4000 -> 0.62); a shorter from-scratch plan says so.
+# size, 4000 -> 0.62; from_scratch_config: 1920 -> 0.50-0.56, 5120 -> 0.77); a shorter
+# from-scratch plan says so.
 FROM_SCRATCH_IMAGES_SEEN = 5000
 
 
