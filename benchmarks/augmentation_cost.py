@@ -19,12 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from markdown_sections import command_line, load_average, machine_kind, replace_section, run_json_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -93,7 +93,7 @@ def main():
         return
 
     sys.path.insert(0, ROOT)
-    from keras_maskrcnn.precision import detect_hardware, machine_summary, native_bfloat16
+    from keras_maskrcnn.precision import detect_hardware, machine_summary
 
     annotations, images = os.path.join(args.data, "instances.json"), args.data
     if not os.path.exists(annotations):
@@ -105,23 +105,19 @@ def main():
     hardware = detect_hardware()
     print(f"Machine: {machine_summary(hardware)}", flush=True)
     results = {name: {"step_s": []} for name in AUGMENTATIONS}
-    loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
+    loads = [load_average()]
     for _ in range(args.rounds):
         for name in AUGMENTATIONS:
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--annotations", annotations,
                        "--images", images, "--batch", str(args.batch), "--steps", str(args.steps),
                        "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--precision", args.precision]
-            proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode or not lines:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            out = json.loads(lines[-1])
+            out = run_json_worker(command, env, ROOT, name)
             results[name]["step_s"] += out["step_s"]
             results[name].update(policy=out["policy"], shape=out["shape"])
             print(f"{name}: median {statistics.median(out['step_s']):.2f} s per step, batch {tuple(out['shape'])}",
                   flush=True)
-    loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    loads.append(load_average())
     base = 1.0 / statistics.median(results["none"]["step_s"])
     rows = ["| augmentation | precision | first batch's shape | s per step (median) | steps/s | vs none |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -131,25 +127,17 @@ def main():
     table = "\n".join(rows)
     print(table)
     if args.markdown:
-        kind = "native-bf16" if native_bfloat16(hardware) else "emulated-bf16"
-        command = "python benchmarks/augmentation_cost.py " + " ".join(
-            a for a in sys.argv[1:] if not a.startswith("--markdown") and a != args.markdown)
+        kind = machine_kind(hardware)
+        command = command_line("augmentation_cost.py", sys.argv[1:], args.markdown)
         section = (
             f"{MARK.format(kind=kind + ' begin')}\n## Training steps/s with each augmentation ({hardware.cpu_model})\n\n"
-            f"Machine: {machine_summary(hardware)}.\nCommand: `{command.strip()} --markdown BENCHMARKS.md` "
+            f"Machine: {machine_summary(hardware)}.\nCommand: `{command} --markdown BENCHMARKS.md` "
             f"({datetime.date.today().isoformat()}; {os.path.basename(os.path.normpath(args.data))}, small preset, "
             f"batch {args.batch}, short side {args.min_size}, long side at most {args.max_size}; {args.steps} steps x "
             f"{args.rounds} processes per augmentation after two untimed steps each; load average {loads[0]} before, "
             f"{loads[1]} after).\n\n{table}\n{MARK.format(kind=kind + ' end')}"
         )
-        text = open(args.markdown).read() if os.path.exists(args.markdown) else "# Benchmarks\n"
-        begin, end = MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end")
-        if begin in text and end in text:
-            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        replace_section(args.markdown, MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end"), section)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ import datetime
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from markdown_sections import command_line, load_average, machine_kind, replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -158,10 +159,10 @@ def _table(rows, bf16_emulated: bool = False) -> str:
 
 
 def _write_markdown(path: str, command: str, table: str, rows, loads) -> None:
-    from keras_maskrcnn.precision import detect_hardware, machine_summary, native_bfloat16
+    from keras_maskrcnn.precision import detect_hardware, machine_summary
 
     hardware = detect_hardware()
-    kind = "native-bf16" if native_bfloat16(hardware) else "emulated-bf16"
+    kind = machine_kind(hardware)
     begin, end = MARK_BEGIN.format(kind=kind), MARK_END.format(kind=kind)
     ours_tf = next((r[1].get("tf_version") for r in rows if "tf_version" in r[1]), "?")
     peer_tf = next((r[2].get("tf_version") for r in rows if "tf_version" in r[2]), "?")
@@ -188,13 +189,7 @@ compute. Peak memory is that of the equal-output process.
 Every timed call:
 {details}
 {end}"""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, begin, end, section)
 
 
 def main():
@@ -232,7 +227,7 @@ def main():
 
     print(f"Machine: {machine_summary()}", flush=True)
     emulated = not native_bfloat16(detect_hardware())
-    loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
+    loads = [load_average()]
     rows = []
     for config in CONFIGS:
         mode, h, w, b, precision = config
@@ -248,14 +243,12 @@ def main():
         pasted = _run_worker(worker + ["--masks", "binary"], args.timeout) if mode == "infer" else {}
         rows.append((config, ours, peer, pasted))
         print(_table([rows[-1]], emulated).splitlines()[-1], flush=True)
-    loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    loads.append(load_average())
     table = _table(rows, emulated)
     print(table)
     if args.markdown:
-        command = "python benchmarks/compare_model_garden.py " + " ".join(
-            a for a in sys.argv[1:] if not a.startswith("--markdown") and a != args.markdown
-        )
-        _write_markdown(args.markdown, command.strip() + " --markdown BENCHMARKS.md", table, rows, loads)
+        command = command_line("compare_model_garden.py", sys.argv[1:], args.markdown)
+        _write_markdown(args.markdown, command + " --markdown BENCHMARKS.md", table, rows, loads)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
+
+from markdown_sections import command_line, load_average, machine_kind, replace_section, run_json_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -89,30 +89,26 @@ def main():
         return
 
     sys.path.insert(0, ROOT)
-    from keras_maskrcnn.precision import detect_hardware, machine_summary, native_bfloat16
+    from keras_maskrcnn.precision import detect_hardware, machine_summary
 
     hardware = detect_hardware()
     print(f"Machine: {machine_summary(hardware)}", flush=True)
     results = {name: {"wall_s": [], "cpu_s": [], "first_s": []} for name in VARIANTS}
-    loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
+    loads = [load_average()]
     for _ in range(args.rounds):
         for name, (overrides, onednn) in VARIANTS.items():
             env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
             command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(overrides),
                        "--image-size", str(args.image_size), "--batch", str(args.batch), "--runs", str(args.runs),
                        "--precision", args.precision]
-            proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            if proc.returncode or not lines:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            out = json.loads(lines[-1])
+            out = run_json_worker(command, env, ROOT, name)
             for key in ("wall_s", "cpu_s"):
                 results[name][key] += out[key]
             results[name]["first_s"].append(out["first_s"])
             results[name]["policy"] = out["policy"]
             print(f"{name}: wall {statistics.median(out['wall_s']):.2f} s, cpu {statistics.median(out['cpu_s']):.2f} s "
                   f"per step, first {out['first_s']:.0f} s", flush=True)
-    loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    loads.append(load_average())
     base = statistics.median(results["small preset, oneDNN on"]["wall_s"])
     rows = ["| variant | precision | wall s per step (median) | CPU s per step (median) | first step s | wall vs small preset, oneDNN on |",
             "|---|---|---|---|---|---|"]
@@ -123,24 +119,16 @@ def main():
     table = "\n".join(rows)
     print(table)
     if args.markdown:
-        kind = "native-bf16" if native_bfloat16(hardware) else "emulated-bf16"
-        command = "python benchmarks/train_step.py " + " ".join(
-            a for a in sys.argv[1:] if not a.startswith("--markdown") and a != args.markdown)
+        kind = machine_kind(hardware)
+        command = command_line("train_step.py", sys.argv[1:], args.markdown)
         section = (
             f"{MARK.format(kind=kind + ' begin')}\n## Training step of the small configuration ({hardware.cpu_model})\n\n"
-            f"Machine: {machine_summary(hardware)}.\nCommand: `{command.strip()}` ({datetime.date.today().isoformat()}, "
+            f"Machine: {machine_summary(hardware)}.\nCommand: `{command}` ({datetime.date.today().isoformat()}, "
             f"{args.image_size}x{args.image_size}, batch {args.batch}, {args.runs} steps x {args.rounds} process(es) "
             f"per variant; load average {loads[0]} before, {loads[1]} after).\n\n{table}\n"
             f"{MARK.format(kind=kind + ' end')}"
         )
-        text = open(args.markdown).read() if os.path.exists(args.markdown) else "# Benchmarks\n"
-        begin, end = MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end")
-        if begin in text and end in text:
-            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        replace_section(args.markdown, MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end"), section)
 
 
 if __name__ == "__main__":

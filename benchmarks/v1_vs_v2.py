@@ -25,11 +25,11 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
+
+from markdown_sections import command_line, load_average, machine_kind, replace_section, run_json_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -99,11 +99,7 @@ def _run_worker(precision: str, args) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     command = [sys.executable, os.path.abspath(__file__), "--worker", precision, "--runs", str(args.runs),
                "--train-runs", str(args.train_runs), "--train-batch", str(args.train_batch)]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        sys.exit(f"{precision} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return run_json_worker(command, env, ROOT, precision)
 
 
 def main():
@@ -124,7 +120,7 @@ def main():
 
     hardware = detect_hardware()
     print(f"Machine: {machine_summary(hardware)}", flush=True)
-    loads = [" ".join(f"{x:.1f}" for x in os.getloadavg())]
+    loads = [load_average()]
     rows = ["| precision | model | parameters | inference s (median) | v2 / v1 | training step s (median) | v2 / v1 | first inference / training call s |",
             "|---|---|---|---|---|---|---|---|"]
     raw = []
@@ -140,31 +136,23 @@ def main():
             raw.append(f"{out['policy']} {name}: inference {[round(t, 3) for t in out['infer_s'][name]]}"
                        + (f", training {[round(t, 2) for t in out['train_s'][name]]}" if train else ""))
         print("\n".join(rows[-2:]), flush=True)
-    loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    loads.append(load_average())
     table = "\n".join(rows)
     print(table)
     if args.markdown:
-        kind = "native-bf16" if native_bfloat16(hardware) else "emulated-bf16"
-        command = "python benchmarks/v1_vs_v2.py " + " ".join(
-            a for a in sys.argv[1:] if not a.startswith("--markdown") and a != args.markdown)
+        kind = machine_kind(hardware)
+        command = command_line("v1_vs_v2.py", sys.argv[1:], args.markdown)
         bf16 = "" if native_bfloat16(hardware) else " bfloat16 is emulated on this CPU (no AMX/AVX512_BF16)."
         section = (
             f"{MARK.format(kind=kind + ' begin')}\n## torchvision's v2 layout against v1 at 1024 x 1024 ({hardware.cpu_model})\n\n"
-            f"Machine: {machine_summary(hardware)}.{bf16}\nCommand: `{command.strip()} --markdown BENCHMARKS.md` "
+            f"Machine: {machine_summary(hardware)}.{bf16}\nCommand: `{command} --markdown BENCHMARKS.md` "
             f"({datetime.date.today().isoformat()}; ResNet-50 FPN, 91 classes, random weights, one 1024 x 1024 image "
             f"per inference call, {args.train_batch} per training step; {args.runs} inference calls and "
             f"{args.train_runs} training steps per model after the first, the two models round-robin; load average "
             f"{loads[0]} before, {loads[1]} after).\n\n{table}\n\nEvery timed call:\n\n"
             + "\n".join(f"- {r}" for r in raw) + f"\n{MARK.format(kind=kind + ' end')}"
         )
-        text = open(args.markdown).read() if os.path.exists(args.markdown) else "# Benchmarks\n"
-        begin, end = MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end")
-        if begin in text and end in text:
-            text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        replace_section(args.markdown, MARK.format(kind=kind + " begin"), MARK.format(kind=kind + " end"), section)
 
 
 if __name__ == "__main__":
