@@ -93,7 +93,7 @@ def main():
         return
 
     sys.path.insert(0, ROOT)
-    from keras_maskrcnn.precision import detect_hardware, machine_summary
+    from keras_maskrcnn.precision import detect_hardware, machine_summary, resolve_policy
 
     annotations, images = os.path.join(args.data, "instances.json"), args.data
     if not os.path.exists(annotations):
@@ -103,6 +103,9 @@ def main():
         annotations = SyntheticShapes((384, 512), seed=0).write_coco(images, 16)
         print(f"{args.data} has no instances.json: using 16 synthetic images in {images}")
     hardware = detect_hardware()
+    # "auto" decided once here: decided in each worker, its bfloat16 check can come out
+    # differently from one process to the next on a loaded machine, mixing precisions in one table.
+    precision = resolve_policy(args.precision)
     print(f"Machine: {machine_summary(hardware)}", flush=True)
     results = {name: {"step_s": []} for name in AUGMENTATIONS}
     loads = [load_average()]
@@ -111,7 +114,7 @@ def main():
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
             command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--annotations", annotations,
                        "--images", images, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--precision", args.precision]
+                       "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--precision", precision]
             out = run_json_worker(command, env, ROOT, name)
             results[name]["step_s"] += out["step_s"]
             results[name].update(policy=out["policy"], shape=out["shape"])
