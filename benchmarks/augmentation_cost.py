@@ -8,9 +8,11 @@ what it adds to a training step, since it prefetches while the model computes. E
 runs in a fresh process (``--rounds`` rounds, alternating, so load on the shared machine affects
 all alike); a process times ``--steps`` steps after two untimed ones (tracing; multiscale and LSJ
 trace once per new input shape, so the untimed steps do not cover every shape: the median does).
-Sizes follow ``examples/show_augmentations.py``: short side ``--min-size``, long side at most
-``--max-size``; multiscale short sides 0.6, 0.8 and 1.0 of it; LSJ in a ``--min-size`` square frame
-(so LSJ batches are smaller than the others: the table gives each batch's shape).
+Sizes: short side ``--min-size``, long side at most ``--max-size``; the augmentations' own sizes
+are what ``keras-maskrcnn train --augmentation NAME`` uses at that short side
+(:func:`keras_maskrcnn.recipes.augmentation_options`: torchvision's short sides 480-800 and LSJ's
+1024 frame, scaled by ``min_size / 800``), so LSJ batches are square frames (the table gives each
+batch's shape).
 Without the folder (``--data``) it writes 16 synthetic images and uses them.
 """
 from __future__ import annotations
@@ -33,14 +35,6 @@ AUGMENTATIONS = ("none", "flip", "multiscale", "lsj")
 MARK = "<!-- augmentation_cost: {kind} -->"
 
 
-def _options(name: str, min_size: int):
-    if name == "multiscale":
-        return {"min_sizes": [int(min_size * f) for f in (0.6, 0.8, 1.0)]}
-    if name == "lsj":
-        return {"target_size": min_size}
-    return None
-
-
 def worker(name: str, annotations: str, images: str, batch: int, steps: int, min_size: int, max_size: int,
            precision: str) -> dict:
     import keras
@@ -50,12 +44,13 @@ def worker(name: str, annotations: str, images: str, batch: int, steps: int, min
     from keras_maskrcnn.optimizers import FusedAdamW
     from keras_maskrcnn.precision import set_global_policy
     from keras_maskrcnn.presets import small_model_config
+    from keras_maskrcnn.recipes import augmentation_options
 
     policy = set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model = MaskRCNN(num_classes=3, **dict(small_model_config(min_size), max_size=max_size))
     data = coco_dataset(annotations, images, batch, training=True, min_size=min_size, max_size=max_size, seed=0,
-                        augmentation=name, augmentation_options=_options(name, min_size), repeat=True,
+                        augmentation=name, augmentation_options=augmentation_options(name, min_size), repeat=True,
                         drop_remainder=True, size_divisible=model.size_divisible, mask_size=model.gt_mask_size)
     shape = tuple(next(iter(data))[0]["images"].shape)
     model.compile(optimizer=FusedAdamW(1e-3, weight_decay=1e-4, clipnorm=10.0))

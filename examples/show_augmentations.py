@@ -22,26 +22,17 @@ import tensorflow as tf
 
 from keras_maskrcnn import transform
 from keras_maskrcnn.data import SyntheticShapes, coco_dataset
+from keras_maskrcnn.recipes import augmentation_options
 from keras_maskrcnn.visualize import draw_detections, save_png
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets", "fruits_nuts")
 PRESETS = ("none", "flip", "multiscale", "lsj")
 
 
-def _options(name: str, min_size: int):
-    """Small sizes so the pictures and timings stay quick: multiscale short sides around
-    ``min_size``, LSJ in a ``min_size`` square."""
-    if name == "multiscale":
-        return {"min_sizes": [int(min_size * f) for f in (0.6, 0.8, 1.0)]}
-    if name == "lsj":
-        return {"target_size": min_size}
-    return None
-
-
 def _dataset(annotations, images, name, batch, min_size, max_size, seed):
     return coco_dataset(
         annotations, images, batch, training=True, min_size=min_size, max_size=max_size, seed=seed,
-        augmentation=name, augmentation_options=_options(name, min_size), repeat=True,
+        augmentation=name, augmentation_options=augmentation_options(name, min_size), repeat=True,
     )
 
 
