@@ -39,8 +39,8 @@ POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 AUTO = "auto"
 # Emulated bfloat16 runs the check's convolution at about 0.1x float32; native at 1.7-2.0x
 # (AVX512_BF16, Zen 4, idle) to 4-8x (AMX). Under load from two training processes on the 2-core
-# Zen 4 the check read 1.6-3.2x (15 runs) with both dtypes alternating, 1.2-3.6x when each dtype ran
-# as a block (the former method, against a threshold of 1.5 that it then missed now and then).
+# Zen 4 the check read 1.3-3.2x (25 runs) with both dtypes alternating, 1.2-3.7x (10 runs) when each
+# dtype ran as a block (the former method, against a threshold of 1.5 that it missed now and then).
 MIN_BFLOAT16_SPEEDUP = 1.2
 # /proc/cpuinfo flags of native bfloat16 arithmetic (Intel AMX since Sapphire Rapids; AVX512_BF16
 # on Cooper Lake, Sapphire Rapids and AMD Zen 4+). oneDNN uses either for bfloat16 convolutions.
