@@ -22,7 +22,7 @@ from keras_maskrcnn.model_settings import (
     group_stage_settings,
     stage_arguments,
 )
-from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps  # noqa: F401  (LOSS_NAMES: public here too)
+from keras_maskrcnn.model_training import LOSS_NAMES, TrainingSteps, checked_loss_weights  # noqa: F401  (LOSS_NAMES: public here too)
 from keras_maskrcnn.roi_heads import build_roi_heads
 from keras_maskrcnn.rpn import RPN_LEVELS, as_layer, build_rpn
 
@@ -76,6 +76,11 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
             of ``box_gt_jitter_std`` box sizes; :func:`keras_maskrcnn.targets.jitter_boxes`). 0
             (torchvision's rule) adds none; ``presets.from_scratch_config`` uses 4, which gives
             the heads several foreground RoIs per object while the proposals are still poor.
+        loss_weights: factors of the five losses in the total that training minimises, by name
+            (``rpn_objectness_loss``, ``rpn_box_loss``, ``class_loss``, ``box_loss``,
+            ``mask_loss``; missing ones 1.0, torchvision's equal weighting), as Keras'
+            ``compile(loss_weights=...)`` and detectron2's per-loss weights. The logged losses
+            stay unweighted; ``loss`` is the weighted total.
         rpn_head, box_head, mask_head: optional layers that replace the default heads (a new head
             architecture; the stages' call contracts: :class:`~keras_maskrcnn.layers.rpn.RPNHead`,
             :class:`~keras_maskrcnn.layers.box_head.BoxHead`, :class:`~keras_maskrcnn.layers.mask_head.MaskHead`).
@@ -158,6 +163,7 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         box_head_convs: int = 0,
         box_head_fcs: int = 2,
         head_norm: Optional[str] = None,
+        loss_weights: Optional[Mapping[str, float]] = None,
         rpn_head: Optional[keras.layers.Layer] = None,
         box_head: Optional[keras.layers.Layer] = None,
         mask_head: Optional[keras.layers.Layer] = None,
@@ -196,6 +202,7 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         self.size_divisible = size_divisible
         self.gt_mask_size = gt_mask_size
         self.jit_compile_masks = jit_compile_masks
+        self.loss_weights = checked_loss_weights(loss_weights)
         # Heads the user passed in (serialised in get_config); the others are built from the arguments.
         self._custom_head_names = tuple(
             name for name, head in zip(_INJECTABLE_HEADS, (rpn_head, box_head, mask_head)) if head is not None

@@ -166,5 +166,7 @@ def flat_settings(model) -> Dict[str, Any]:
         "size_divisible": model.size_divisible,
         "gt_mask_size": model.gt_mask_size,
         "jit_compile_masks": model.jit_compile_masks,
+        # Only weights that differ from 1.0: a default model's config is what it was before.
+        "loss_weights": {name: w for name, w in model.loss_weights.items() if w != 1.0} or None,
         **model._head_settings,
     }

@@ -3,7 +3,8 @@ stages, their reduction over replicas, and Keras' ``train_step`` / ``test_step``
 detectron2's training statistics of the RoI heads (:mod:`keras_maskrcnn.training_statistics`)."""
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import math
+from typing import Dict, Mapping, Optional
 
 import keras
 import tensorflow as tf
@@ -12,6 +13,20 @@ from keras_maskrcnn import distribute
 from keras_maskrcnn.training_statistics import STATISTIC_NAMES, ratio
 
 LOSS_NAMES = ("rpn_objectness_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
+
+
+def checked_loss_weights(loss_weights: Optional[Mapping[str, float]]) -> Dict[str, float]:
+    """Every loss's weight (1.0 where ``loss_weights`` names none); ``ValueError`` for an unknown
+    name or a weight that is negative or not finite."""
+    loss_weights = dict(loss_weights or {})
+    unknown = sorted(set(loss_weights) - set(LOSS_NAMES))
+    if unknown:
+        raise ValueError(f"loss_weights: unknown loss name(s) {unknown}; the losses are {list(LOSS_NAMES)}.")
+    weights = {name: float(loss_weights.get(name, 1.0)) for name in LOSS_NAMES}
+    bad = {name: w for name, w in weights.items() if not (math.isfinite(w) and w >= 0.0)}
+    if bad:
+        raise ValueError(f"loss_weights must be finite and >= 0, got {bad}.")
+    return weights
 
 
 def _split(data):
@@ -99,7 +114,7 @@ class TrainingSteps:
         inputs, targets = _split(data)
         with tf.GradientTape() as tape:
             losses, statistics = self._losses_and_statistics(inputs, targets, training=True)
-            total = tf.add_n(list(losses.values()))
+            total = self._weighted_total(losses)
             if self.losses:
                 regularization = tf.cast(tf.add_n(self.losses), total.dtype)
                 total = total + regularization / float(distribute.num_replicas_in_sync())
@@ -114,4 +129,11 @@ class TrainingSteps:
             self.build()
         inputs, targets = _split(data)
         losses, statistics = self._losses_and_statistics(inputs, targets, training=False)
-        return self._update_trackers(tf.add_n(list(losses.values())), losses, statistics)
+        return self._update_trackers(self._weighted_total(losses), losses, statistics)
+
+    def _weighted_total(self, losses: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The loss training minimises: the sum of the losses times :attr:`loss_weights`."""
+        return tf.add_n([
+            losses[name] if self.loss_weights[name] == 1.0 else losses[name] * self.loss_weights[name]
+            for name in LOSS_NAMES
+        ])
