@@ -82,7 +82,7 @@ a moving statistic). Later steps add nothing to check (one step exercises the al
 statistics, their gradients and the moving-statistics update) but batch norm of a random network
 amplifies float differences about 30x per step: over 3 steps the proposals differed by 8e-6, 8e-5
 and 5e-3 px (beyond the 1e-3 px pairing), the weights by 1.4e-3; at learning rate 0.00025 by
-7.6e-6..1.1e-4 over four runs, the last at the bound, with a discrete statistic (class_accuracy, an
+7.6e-6..1.1e-4 over three runs, the last at the bound, with a discrete statistic (class_accuracy, an
 argmax over near-tied initial logits) 1 % apart. Per-replica batch norm (the negative control) is
 0.50 off after the one step.
 
