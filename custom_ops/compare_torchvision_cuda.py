@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,6 @@ def median_ms(device: torch.device, fn, reps: int = 20) -> float:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(stop))
         else:
-            import time
-
             begin = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - begin))

@@ -133,7 +133,4 @@ class TrainingSteps:
 
     def _weighted_total(self, losses: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """The loss training minimises: the sum of the losses times :attr:`loss_weights`."""
-        return tf.add_n([
-            losses[name] if self.loss_weights[name] == 1.0 else losses[name] * self.loss_weights[name]
-            for name in LOSS_NAMES
-        ])
+        return tf.add_n([losses[name] * self.loss_weights[name] for name in LOSS_NAMES])
