@@ -141,6 +141,17 @@ def model_config(norm=None):
     return config
 
 
+def _steps(norm):
+    """Training steps of a run: ``BN_STEPS`` for the batch norm model (module docstring)."""
+    return BN_STEPS if norm else STEPS
+
+
+def _compared_weights(model, norm):
+    """The weights the runs compare: with batch norm, the moving statistics too (replica 0's copy
+    under a strategy)."""
+    return model.weights if norm else model.trainable_weights
+
+
 def make_dataset():
     from keras_maskrcnn.data import synthetic_dataset
 
@@ -224,7 +235,7 @@ def _train(strategy, init_weights, eager, implementation, output_dir=None):
         model.build()
         model.load_weights(init_weights)
         model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=0.9), run_eagerly=eager)
-    steps = BN_STEPS if norm else STEPS
+    steps = _steps(norm)
     if output_dir is None:
         with fit_scope(model):  # works around keras-team/keras#20329 under MultiWorkerMirroredStrategy
             history = model.fit(make_dataset(), epochs=1, steps_per_epoch=steps, verbose=0)
@@ -236,9 +247,7 @@ def _train(strategy, init_weights, eager, implementation, output_dir=None):
         "reduction": os.environ.get(REDUCTION_ENV, "global_batch_shares"),
         "norm": norm,
     }
-    # With batch norm, the moving statistics too (replica 0's copy under a strategy).
-    weights = model.weights if norm else model.trainable_weights
-    return [np.asarray(w) for w in weights], history.history, info
+    return [np.asarray(w) for w in _compared_weights(model, norm)], history.history, info
 
 
 def _save(path, records, weights, history, info):
@@ -431,8 +440,8 @@ def _pair_up(a, b, tol):
 
 def _check_premise(run):
     """Every image of every step got every anchor as a proposal and every candidate as a RoI."""
-    steps = BN_STEPS if run.info.get("norm") else STEPS
-    assert len(run.records) == steps * GLOBAL_BATCH, f"{run.label}: {len(run.records)} sampling records"
+    records = len(run.records)
+    assert records == _steps(run.info.get("norm")) * GLOBAL_BATCH, f"{run.label}: {records} sampling records"
     for r in run.records:
         assert len(r["proposals"]) == NUM_ANCHORS, f"{run.label}: {len(r['proposals'])} proposals, not every anchor"
         candidates = NUM_ANCHORS + len(r["gt"])
@@ -486,16 +495,22 @@ def _compare(reference, distributed, initial, implementation):
 
 @pytest.fixture(scope="module")
 def init_weights(tmp_path_factory):
+    return _initial_weights(tmp_path_factory)
+
+
+def _initial_weights(tmp_path_factory, norm=None):
+    """(path, weights) of the runs' common initial model: the weights :func:`_train` compares
+    (with batch norm, the moving statistics too)."""
     import keras
 
     from keras_maskrcnn import MaskRCNN
 
     keras.utils.set_random_seed(1)
-    model = MaskRCNN(num_classes=3, **model_config())
+    model = MaskRCNN(num_classes=3, **model_config(norm))
     model.build()
-    path = tmp_path_factory.mktemp("init") / "init.weights.h5"
+    path = tmp_path_factory.mktemp(f"{norm}-init" if norm else "init") / "init.weights.h5"
     model.save_weights(str(path))
-    return path, [np.asarray(w) for w in model.trainable_weights]
+    return path, [np.asarray(w) for w in _compared_weights(model, norm)]
 
 
 def _available_implementations():
@@ -602,16 +617,7 @@ def test_wrong_reduction_is_detected(init_weights, runs, tmp_path):
 def bn_init_weights(tmp_path_factory):
     """Initial weights of the model with trainable batch norm everywhere: (path, every weight,
     moving statistics included)."""
-    import keras
-
-    from keras_maskrcnn import MaskRCNN
-
-    keras.utils.set_random_seed(1)
-    model = MaskRCNN(num_classes=3, **model_config("batch_norm"))
-    model.build()
-    path = tmp_path_factory.mktemp("bn-init") / "init.weights.h5"
-    model.save_weights(str(path))
-    return path, [np.asarray(w) for w in model.weights]
+    return _initial_weights(tmp_path_factory, "batch_norm")
 
 
 @pytest.fixture(scope="module")

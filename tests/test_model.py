@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from keras_maskrcnn import MaskRCNN
 from keras_maskrcnn.data import synthetic_dataset
+from keras_maskrcnn.model import LOSS_NAMES
 from keras_maskrcnn.presets import small_model_config
 
 SMALL = dict(small_model_config(image_size=96), rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, detections_per_image=20)
@@ -212,8 +213,6 @@ def test_padding_is_zero_after_normalisation(model):
 
 
 def test_loss_weights_are_checked_and_round_trip():
-    from keras_maskrcnn.model import LOSS_NAMES
-
     assert small_model().loss_weights == {name: 1.0 for name in LOSS_NAMES}
     assert small_model().get_config()["loss_weights"] is None  # a default model's config is unchanged
     model = small_model(loss_weights={"class_loss": 3.0})
@@ -229,7 +228,6 @@ def test_loss_weights_are_checked_and_round_trip():
 def test_loss_weights_weight_the_total_not_the_logged_losses():
     """The total Keras logs and the optimiser minimises is the weighted sum; each logged loss is
     the unweighted value. Checked on fixed losses (the real ones sample RoIs at random)."""
-    from keras_maskrcnn.model import LOSS_NAMES
     from keras_maskrcnn.training_statistics import STATISTIC_NAMES
 
     rng = np.random.default_rng()
@@ -250,8 +248,6 @@ def test_loss_weights_weight_the_total_not_the_logged_losses():
 def test_zero_loss_weights_train_nothing():
     """Weights reach the gradients: with every loss weighted 0 a step changes no weight, with the
     default weights the same step does."""
-    from keras_maskrcnn.model import LOSS_NAMES
-
     ds = synthetic_dataset(2, 2, image_size=(64, 64), max_instances=4, flip_probability=0.0)
     batch = next(iter(ds))
     moved = {}
