@@ -3,7 +3,7 @@
     python examples/show_augmentations.py [--data ../shared/datasets/fruits_nuts] [--output augmentations]
 
 For each augmentation preset of :mod:`keras_maskrcnn.data.augment` (``none``, ``flip``,
-``multiscale``, ``lsj``) it takes a few training samples from
+``multiscale``, ``lsj``, and ``lsj`` with :mod:`keras_maskrcnn.data.copy_paste`) it takes a few training samples from
 :func:`keras_maskrcnn.data.coco_dataset`, draws the boxes and the masks (the box-relative coverage
 masks pasted back into the image, where at least half covered) and writes
 ``OUTPUT/<augmentation>.png``, one row of samples. Without ``--data`` (or where the folder is absent)
@@ -26,13 +26,16 @@ from keras_maskrcnn.recipes import augmentation_options
 from keras_maskrcnn.visualize import draw_detections, save_png
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets", "fruits_nuts")
-PRESETS = ("none", "flip", "multiscale", "lsj")
+PRESETS = ("none", "flip", "multiscale", "lsj", "lsj+copy_paste")
 
 
-def _dataset(annotations, images, name, batch, min_size, max_size, seed):
+def _dataset(annotations, images, preset, batch, min_size, max_size, seed):
+    """``preset``: an augmentation name, with ``+copy_paste`` for copy-paste within the batch."""
+    name, _, extra = preset.partition("+")
     return coco_dataset(
         annotations, images, batch, training=True, min_size=min_size, max_size=max_size, seed=seed,
         augmentation=name, augmentation_options=augmentation_options(name, min_size), repeat=True,
+        copy_paste=extra == "copy_paste",
     )
 
 

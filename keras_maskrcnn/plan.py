@@ -83,6 +83,7 @@ class TrainingPlan:
     augmentation: Optional[str] = None  # None: the pipeline's default (flip)
     augmentation_options: Optional[Dict[str, Any]] = None
     sync_batch_norm: bool = False
+    copy_paste: bool = False  # data.copy_paste between the images of each batch
     note: Optional[str] = None  # advice printed with the plan
 
     @property
@@ -122,11 +123,11 @@ class TrainingPlan:
         at the planned image size and batch size, with ``model``'s padding and mask size;
         ``repeat`` for a fixed number of steps per epoch; ``augmentation`` (with its options) goes to
         the pipeline (``ValueError`` if it does not offer it)."""
-        augment = {}
+        augment = dict(copy_paste=True) if self.copy_paste else {}
         if self.augmentation is not None:
             check_augmentation(self.augmentation)
             if augmentation_supported():
-                augment = dict(augmentation=self.augmentation, augmentation_options=self.augmentation_options)
+                augment.update(augmentation=self.augmentation, augmentation_options=self.augmentation_options)
         return data.dataset(
             self.batch_size,
             min_size=self.min_size,
@@ -163,6 +164,7 @@ class TrainingPlan:
         extras = []
         if self.augmentation:
             extras.append(f"{self.augmentation} augmentation{_options_text(self.augmentation_options)}")
+        extras += ["copy-paste"] if self.copy_paste else []
         extras += ["synchronized batch norm"] if self.sync_batch_norm else []
         if self.decay_steps and self.schedule == "step":
             extras.append("decay at steps " + ", ".join(str(s) for s in self.decay_steps))
@@ -239,6 +241,7 @@ def plan_training(
     augmentation: Optional[str] = None,
     sync_batch_norm: Optional[bool] = None,
     norm_weight_decay: Optional[float] = None,
+    copy_paste: Optional[bool] = None,
 ) -> TrainingPlan:
     """The plan for training on ``num_images`` images of ``image_sizes`` for ``epochs`` epochs.
 
@@ -247,7 +250,8 @@ def plan_training(
     given; ``epochs=None`` is the recipe's (12 without one). ``pretrained`` says whether backbone
     weights will be loaded. ``augmentation`` names a data-pipeline preset (``ValueError`` if the
     pipeline does not offer it); ``momentum`` defaults to 0.9. ``precision="auto"`` is resolved
-    here (logged).
+    here (logged). ``copy_paste`` pastes objects between the images of each batch
+    (:mod:`keras_maskrcnn.data.copy_paste`; off unless asked).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
@@ -290,6 +294,7 @@ def plan_training(
         augmentation=augmentation,
         augmentation_options=options,
         sync_batch_norm=bool(recipe and recipe.sync_batch_norm) if sync_batch_norm is None else sync_batch_norm,
+        copy_paste=bool(copy_paste),
         note=None if pretrained or recipe else _from_scratch_note(epochs, steps * batch_size),
     )
 

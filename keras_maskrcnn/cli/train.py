@@ -161,6 +161,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     recipe.add_argument("--augmentation", choices=("flip", "multiscale", "lsj", "none"),
                         help="training augmentation of the data pipeline (default: the --recipe's, else flip)")
+    recipe.add_argument("--copy-paste", action="store_true",
+                        help="simple copy-paste: each training image receives a random subset of the objects of "
+                        "another image of its batch (torchvision's --use-copypaste; Ghiasi et al. 2021)")
     recipe.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction,
                         help="batch norm statistics over all replicas of --strategy (default: the --recipe's, "
                         "else off)")
@@ -219,6 +222,7 @@ def _plan(args: argparse.Namespace, data: Any):
         decay_epochs=args.lr_decay_epochs, trainable_backbone_layers=args.trainable_backbone_layers,
         backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm, recipe=args.recipe,
         augmentation=args.augmentation, sync_batch_norm=args.sync_batch_norm, norm_weight_decay=args.norm_weight_decay,
+        copy_paste=args.copy_paste,
     )
 
 

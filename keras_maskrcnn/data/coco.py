@@ -83,6 +83,7 @@ def coco_dataset(
     drop_remainder: bool = False,
     augmentation: Union[str, Augmentation, None] = "flip",
     augmentation_options: Optional[Mapping[str, Any]] = None,
+    copy_paste: bool = False,
 ) -> tf.data.Dataset:
     """A batched, prefetched ``tf.data.Dataset`` of ``(inputs, targets)`` from a COCO file.
 
@@ -123,6 +124,8 @@ def coco_dataset(
             flip; ``min_size`` is not used), ``"none"`` or an ``Augmentation``.
         augmentation_options: arguments of the named preset, e.g. ``{"target_size": 512}`` for
             ``"lsj"`` or ``{"min_sizes": (320, 352)}`` for ``"multiscale"``.
+        copy_paste: simple copy-paste between the images of each training batch
+            (:mod:`keras_maskrcnn.data.copy_paste`; torchvision's ``--use-copypaste``).
 
     The :class:`CocoSource` (category mapping, class names) is attached as ``.coco_source``
     (and ``.source``, the name the synthetic dataset uses too); it is lost by further
@@ -152,6 +155,7 @@ def coco_dataset(
         drop_remainder=drop_remainder,
         augmentation=augmentation,
         augmentation_options=augmentation_options,
+        copy_paste=copy_paste,
     )
     dataset.coco_source = dataset.source = source
     return dataset

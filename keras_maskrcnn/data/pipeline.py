@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from keras_maskrcnn import transform
 from keras_maskrcnn.data import augment
+from keras_maskrcnn.data.copy_paste import copy_paste as paste_objects
 from keras_maskrcnn.data.masks import MASK_SIZE
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def build_dataset(
     drop_remainder: bool = False,
     augmentation: Union[str, augment.Augmentation, None] = "flip",
     augmentation_options: Optional[Mapping[str, Any]] = None,
+    copy_paste: bool = False,
 ) -> tf.data.Dataset:
     """The ``tf.data`` pipeline behind :func:`~keras_maskrcnn.data.coco.coco_dataset` for any
     per-index example loader (arguments as there).
@@ -109,7 +111,9 @@ def build_dataset(
     ``tf.numpy_function`` inside a parallel ``map``. Training images go through ``augmentation``
     (:func:`keras_maskrcnn.data.augment.get`: ``"flip"``, ``"multiscale"``, ``"lsj"``, ``"none"``
     or an :class:`~keras_maskrcnn.data.augment.Augmentation`; ``augmentation_options`` go to the
-    preset), evaluation images only through the resize rule. Random draws are stateless ops
+    preset), evaluation images only through the resize rule. ``copy_paste`` (training only) then
+    pastes objects between the images of each batch (:mod:`keras_maskrcnn.data.copy_paste`).
+    Random draws are stateless ops
     seeded from ``Dataset.random(seed)``, so the output is reproducible given ``seed``.
     """
     if shuffle is None:
@@ -143,4 +147,9 @@ def build_dataset(
     dataset = tf.data.Dataset.zip((dataset, randoms))
     dataset = dataset.map(prepare, num_parallel_calls=num_parallel_calls)
     dataset = dataset.padded_batch(batch_size, drop_remainder=drop_remainder)
+    if copy_paste and training:
+        seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip((dataset, seeds.batch(2))).map(
+            lambda batch, pair: paste_objects(*batch, pair), num_parallel_calls=num_parallel_calls
+        )
     return dataset.prefetch(tf.data.AUTOTUNE)
