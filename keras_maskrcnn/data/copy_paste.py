@@ -109,19 +109,25 @@ def paste_union(masks: tf.Tensor, boxes: tf.Tensor, selected: tf.Tensor, image_s
     return tf.cast(tf.logical_and(union, transform.valid_region(image_sizes, height, width)), tf.float32)
 
 
-def _sample_at_cells(alpha: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
-    """``[B, N, size, size]`` float32: ``alpha`` ``[B, H, W]`` sampled (the pixel under each cell centre) at the centres of
-    each box's ``size x size`` cells."""
+def _cover_cells(alpha: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
+    """``[B, N, size, size]`` float32: ``alpha`` ``[B, H, W]`` (0/1) at the centre of each of a box's
+    ``size x size`` cells (the pixel under it). Sampling 2 x 2 or 4 x 4 points a cell was no closer
+    to the full-resolution reference where cells are at most 1.5 pixels (tests/test_copy_paste.py)."""
     batch, slots = tf.shape(boxes)[0], tf.shape(boxes)[1]
     height, width = tf.cast(tf.shape(alpha)[1], tf.float32), tf.cast(tf.shape(alpha)[2], tf.float32)
     x1, y1, x2, y2 = tf.unstack(tf.reshape(boxes, [-1, 4]), axis=-1)
-    half_w, half_h = 0.5 * (x2 - x1) / size, 0.5 * (y2 - y1) / size
-    # First and last cell centres, in pixel-index coordinates (pixel i's centre is at i + 0.5).
-    rows = tf.stack([y1 + half_h - 0.5, y2 - half_h - 0.5], -1) / tf.maximum(height - 1.0, 1.0)
-    cols = tf.stack([x1 + half_w - 0.5, x2 - half_w - 0.5], -1) / tf.maximum(width - 1.0, 1.0)
+    points = size
+    half_w, half_h = 0.5 * (x2 - x1) / points, 0.5 * (y2 - y1) / points
+    # First and last sample points, in pixel-index coordinates of alpha with its edge pixels
+    # repeated once all round (pixel i spans [i - 0.5, i + 0.5) and is index i + 1 there, so
+    # points in the outer half of an edge pixel are not taken for outside the image).
+    rows = tf.stack([y1 + half_h + 0.5, y2 - half_h + 0.5], -1) / (height + 1.0)
+    cols = tf.stack([x1 + half_w + 0.5, x2 - half_w + 0.5], -1) / (width + 1.0)
     crop_boxes = tf.stack([rows[:, 0], cols[:, 0], rows[:, 1], cols[:, 1]], -1)
     index = tf.repeat(tf.range(batch), slots)
-    samples = tf.image.crop_and_resize(alpha[..., None], crop_boxes, index, [size, size], method="nearest", extrapolation_value=0.0)
+    edged = tf.pad(alpha, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")[..., None]
+    samples = tf.image.crop_and_resize(edged, crop_boxes, index, [points, points], method="nearest",
+                                       extrapolation_value=0.0)
     return tf.reshape(samples, [batch, slots, size, size])
 
 
@@ -131,7 +137,7 @@ def occlude(boxes: tf.Tensor, classes: tf.Tensor, masks: tf.Tensor, alpha: tf.Te
     fully covered instances emptied (class 0)."""
     size = masks.shape[-1]
     valid = classes > 0
-    covered = _sample_at_cells(alpha, boxes, size)
+    covered = _cover_cells(alpha, boxes, size)
     left = tf.cast(tf.round(tf.cast(masks, tf.float32) * (1.0 - covered)), tf.uint8)
     visible = left > 0
     rows, cols = tf.reduce_any(visible, -1), tf.reduce_any(visible, -2)  # [B, N, size]
@@ -170,6 +176,11 @@ def clip_to_images(boxes: tf.Tensor, classes: tf.Tensor, masks: tf.Tensor, image
     return tf.where(keep[..., None], clipped, tf.zeros_like(boxes)), tf.where(keep, classes, 0), masks
 
 
+def _pad_slots(tensor: tf.Tensor, count) -> tf.Tensor:
+    """``tensor`` ``[B, n, ...]`` with ``count`` zero slots appended."""
+    return tf.pad(tensor, [[0, 0], [0, count]] + [[0, 0]] * (tensor.shape.rank - 2))
+
+
 def _compact(boxes, classes, masks, slots):
     """Valid instances (class > 0) first, in order, cut to ``slots``."""
     order = tf.argsort(tf.cast(classes <= 0, tf.int32), axis=-1, stable=True)[:, :slots]
@@ -190,16 +201,19 @@ def copy_paste(inputs: Dict[str, tf.Tensor], targets: Dict[str, tf.Tensor], seed
         ``(inputs, targets)`` of the same structure and shapes.
     """
     images, sizes = inputs["images"], inputs["image_sizes"]
-    boxes, classes, masks = targets["boxes"], targets["classes"], targets["masks"]
-    slots = tf.shape(classes)[1]
-    counts = tf.reduce_sum(tf.cast(classes > 0, tf.int32), -1)
+    slots = tf.shape(targets["classes"])[1]
+    counts = tf.reduce_sum(tf.cast(targets["classes"] > 0, tf.int32), -1)
+    # Work on the occupied slots only (valid instances come first): a handful, not the 100 of
+    # the usual max_instances.
+    used = tf.reduce_max(counts)
+    boxes, classes, masks = (targets[k][:, :used] for k in ("boxes", "classes", "masks"))
     src_boxes, src_classes, src_masks = (tf.roll(t, 1, axis=0) for t in (boxes, classes, masks))
     src_images = tf.roll(images, 1, axis=0)
 
     # Pasted objects inside the receiving image, and only as many as there are free slots.
     src_boxes, src_classes, src_masks = clip_to_images(src_boxes, src_classes, src_masks, sizes)
     src_counts = tf.roll(counts, 1, axis=0)
-    selected = tf.logical_and(select_objects(src_counts, slots, seed), src_classes > 0)
+    selected = tf.logical_and(select_objects(src_counts, used, seed), src_classes > 0)
     rank = tf.cumsum(tf.cast(selected, tf.int32), axis=-1)
     selected = tf.logical_and(selected, rank <= (slots - counts)[:, None])
 
@@ -210,10 +224,11 @@ def copy_paste(inputs: Dict[str, tf.Tensor], targets: Dict[str, tf.Tensor], seed
 
     boxes, classes, masks = occlude(boxes, classes, masks, alpha)
     pasted_classes = tf.where(selected, src_classes, 0)
+    free = tf.maximum(slots - 2 * used, 0)  # padding back to the batch's slots
     boxes, classes, masks = _compact(
-        tf.concat([boxes, tf.where(selected[..., None], src_boxes, 0.0)], 1),
-        tf.concat([classes, pasted_classes], 1),
-        tf.concat([masks, tf.where(selected[..., None, None], src_masks, tf.zeros_like(src_masks))], 1),
+        _pad_slots(tf.concat([boxes, tf.where(selected[..., None], src_boxes, 0.0)], 1), free),
+        _pad_slots(tf.concat([classes, pasted_classes], 1), free),
+        _pad_slots(tf.concat([masks, tf.where(selected[..., None, None], src_masks, tf.zeros_like(src_masks))], 1), free),
         slots,
     )
     static = targets["classes"].shape[1]
