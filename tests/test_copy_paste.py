@@ -139,6 +139,12 @@ def test_empty_images_and_full_slots():
     np.testing.assert_array_equal(got["classes"][1].numpy(), classes[1])
     # Never more objects than slots, and never pasted pixels without an annotation.
     assert (got["classes"].numpy() > 0).sum(-1).max() <= slots
+    # A batch without any object passes through unchanged.
+    empty = {k: tf.zeros_like(v) for k, v in targets.items()}
+    got_inputs, got = cp.copy_paste(inputs, empty, tf.constant([5, 6], tf.int64))
+    np.testing.assert_array_equal(got_inputs["images"].numpy(), inputs["images"].numpy())
+    for key in empty:
+        assert got[key].shape == empty[key].shape and not got[key].numpy().any()
 
 
 def test_pasted_objects_are_cut_to_a_smaller_receiver():
