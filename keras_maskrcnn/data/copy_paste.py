@@ -116,9 +116,8 @@ def _cover_cells(alpha: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
     batch, slots = tf.shape(boxes)[0], tf.shape(boxes)[1]
     height, width = tf.cast(tf.shape(alpha)[1], tf.float32), tf.cast(tf.shape(alpha)[2], tf.float32)
     x1, y1, x2, y2 = tf.unstack(tf.reshape(boxes, [-1, 4]), axis=-1)
-    points = size
-    half_w, half_h = 0.5 * (x2 - x1) / points, 0.5 * (y2 - y1) / points
-    # First and last sample points, in pixel-index coordinates of alpha with its edge pixels
+    half_w, half_h = 0.5 * (x2 - x1) / size, 0.5 * (y2 - y1) / size
+    # First and last cell centres, in pixel-index coordinates of alpha with its edge pixels
     # repeated once all round (pixel i spans [i - 0.5, i + 0.5) and is index i + 1 there, so
     # points in the outer half of an edge pixel are not taken for outside the image).
     rows = tf.stack([y1 + half_h + 0.5, y2 - half_h + 0.5], -1) / (height + 1.0)
@@ -126,7 +125,7 @@ def _cover_cells(alpha: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
     crop_boxes = tf.stack([rows[:, 0], cols[:, 0], rows[:, 1], cols[:, 1]], -1)
     index = tf.repeat(tf.range(batch), slots)
     edged = tf.pad(alpha, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")[..., None]
-    samples = tf.image.crop_and_resize(edged, crop_boxes, index, [points, points], method="nearest",
+    samples = tf.image.crop_and_resize(edged, crop_boxes, index, [size, size], method="nearest",
                                        extrapolation_value=0.0)
     return tf.reshape(samples, [batch, slots, size, size])
 
