@@ -9,6 +9,7 @@ import pytest
 
 from keras_maskrcnn import MaskRCNN, model_zoo
 from keras_maskrcnn.convert import from_torchvision
+import tvref
 from test_convert import TINY, synthetic_state_dict, weights_of
 
 
@@ -90,6 +91,50 @@ def test_published_presets_are_listed_with_their_ap_and_hash():
     assert model_zoo.get_preset("maskrcnn_resnet50_fpn_v2_coco").config["fpn_norm"] == "batch_norm"
     with pytest.raises(ValueError, match="available"):
         model_zoo.get_preset("nope")
+
+
+_TORCHVISION_WEIGHTS = {
+    "maskrcnn_resnet50_fpn_coco": ("maskrcnn_resnet50_fpn", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"),
+    "maskrcnn_resnet50_fpn_v2_coco": ("maskrcnn_resnet50_fpn_v2", "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"),
+    "resnet50_imagenet": (None, "ResNet50_Weights.IMAGENET1K_V1"),
+    "resnet101_imagenet": (None, "ResNet101_Weights.IMAGENET1K_V1"),
+}
+
+
+@tvref.requires_torchvision
+def test_presets_carry_what_torchvision_publishes():
+    """Each preset's URL (so its hash prefix), COCO AP, class names and preprocessing are the ones
+    torchvision's weight enums publish, read from the reference environment (nothing is downloaded)."""
+    assert set(_TORCHVISION_WEIGHTS) == set(model_zoo.PRESETS)
+    script = """
+import json
+from torchvision import models
+from torchvision.models import detection
+info = {}
+for name, (builder, weights) in json.loads(str(inputs["table"])).items():
+    enum, member = weights.split(".")
+    w = getattr(getattr(models, enum, None) or getattr(detection, enum), member)
+    entry = {"url": w.url, "metrics": w.meta["_metrics"], "categories": w.meta["categories"]}
+    if builder:
+        t = getattr(detection, builder)(weights=None, weights_backbone=None).transform
+        entry.update(min_size=list(t.min_size), max_size=t.max_size, mean=t.image_mean, std=t.image_std)
+    info[name] = entry
+outputs["info"] = np.array(json.dumps(info))
+"""
+    import json
+
+    published = json.loads(str(tvref.run(script, table=np.array(json.dumps(_TORCHVISION_WEIGHTS)))["info"]))
+    for name, preset in model_zoo.PRESETS.items():
+        tv = published[name]
+        assert preset.url == tv["url"], name
+        if preset.kind == "maskrcnn":
+            assert (preset.box_ap, preset.mask_ap) == (tv["metrics"]["COCO-val2017"]["box_map"],
+                                                       tv["metrics"]["COCO-val2017"]["mask_map"]), name
+            assert list(preset.class_names) == tv["categories"], name
+            assert preset.config["min_size"] == tv["min_size"][0] and preset.config["max_size"] == tv["max_size"], name
+            # Both state the statistics of [0, 1] images (``transform.normalize`` divides by 255 first).
+            np.testing.assert_allclose(preset.config["image_mean"], tv["mean"], rtol=1e-6)
+            np.testing.assert_allclose(preset.config["image_std"], tv["std"], rtol=1e-6)
 
 
 def test_cli_presets_lists_names_and_ap(capsys):
