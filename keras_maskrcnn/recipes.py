@@ -30,6 +30,8 @@ option given explicitly still wins.
     of training). Large-scale jitter (scale 0.1-2.0 of a 1024 x 1024 frame, a 1024 x 1024 crop
     padded with the mean colour, flip), synchronized batch norm everywhere, torchvision's v2
     layout (batch norm in the FPN and the heads, conv box head), all backbone stages trainable.
+    No copy-paste: that command has none (torchvision's ``SimpleCopyPaste`` came two months later,
+    pytorch/vision pull request 5825).
 ``lsj_detectron2``
     detectron2's "new baselines" (``configs/new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py``; the
     setup of Li et al. 2021, whose model torchvision's v2 is): the same augmentation, synchronized
