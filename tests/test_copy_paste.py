@@ -23,9 +23,9 @@ def _blur(alpha):
     return sum(k[d] * x[:, d:d + alpha.shape[1]] for d in range(cp.BLUR_SIZE))
 
 
-def _coverage(full, box):
+def _coverage(full, box, mask_size=MASK):
     x1, y1, x2, y2 = (int(v) for v in box)
-    return mini_mask(full[y1:y2, x1:x2], np.array([0, 0, x2 - x1, y2 - y1], np.float64), MASK)
+    return mini_mask(full[y1:y2, x1:x2], np.array([0, 0, x2 - x1, y2 - y1], np.float64), mask_size)
 
 
 def _extents(full):
@@ -33,7 +33,7 @@ def _extents(full):
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
-def _batch(seeds, size, slots, sizes=None):
+def _batch(seeds, size, slots, sizes=None, mask_size=MASK):
     """Synthetic images (of ``sizes``, default ``size`` square) with their full masks, and the
     batch tensors built from them in a ``size`` x ``size`` frame."""
     sizes = sizes or [(size, size)] * len(seeds)
@@ -43,18 +43,20 @@ def _batch(seeds, size, slots, sizes=None):
         images[b, :s.image.shape[0], :s.image.shape[1]] = s.image
     boxes = np.zeros((len(seeds), slots, 4), np.float32)
     classes = np.zeros((len(seeds), slots), np.int32)
-    masks = np.zeros((len(seeds), slots, MASK, MASK), np.uint8)
+    masks = np.zeros((len(seeds), slots, mask_size, mask_size), np.uint8)
     for b, s in enumerate(samples):
         n = len(s.boxes)
         boxes[b, :n], classes[b, :n] = s.boxes, s.classes
-        masks[b, :n] = s.mini_masks(MASK)
+        masks[b, :n] = s.mini_masks(mask_size)
     inputs = {"images": tf.constant(images), "image_sizes": tf.constant(sizes, tf.int32)}
     targets = {"boxes": tf.constant(boxes), "classes": tf.constant(classes), "masks": tf.constant(masks)}
     return samples, inputs, targets
 
 
 def _reference(samples, selected):
-    """Per receiving image: blended image, and the list of (class, box, full mask) instances."""
+    """Per receiving image: blended image, and the list of (class, box, full mask, grid box)
+    instances; the grid box is the one whose coverage cells the pipeline cuts (the object's box
+    before the paste)."""
     out = []
     for b, receiver in enumerate(samples):
         source = samples[b - 1]
@@ -68,9 +70,9 @@ def _reference(samples, selected):
         for k, full in enumerate(receiver.masks):
             visible = full & ~alpha
             if visible.any():
-                instances.append((receiver.classes[k], _extents(visible), visible))
+                instances.append((receiver.classes[k], _extents(visible), visible, receiver.boxes[k]))
         for k in np.nonzero(selected[b])[0]:
-            instances.append((source.classes[k], source.boxes[k], src_full[k]))
+            instances.append((source.classes[k], source.boxes[k], src_full[k], source.boxes[k]))
         out.append((image, instances))
     return out
 
@@ -95,9 +97,9 @@ def test_copy_paste_matches_full_resolution_reference(seeds):
         np.testing.assert_allclose(got_inputs["images"][b].numpy(), image, atol=1e-3)
         got_classes = got["classes"][b].numpy()
         n = int((got_classes > 0).sum())
-        assert list(got_classes[:n]) == [c for c, _, _ in instances]
+        assert list(got_classes[:n]) == [c for c, _, _, _ in instances]
         assert not got_classes[n:].any() and not got["masks"][b, n:].numpy().any()
-        for k, (_, box, full) in enumerate(instances):
+        for k, (_, box, full, _) in enumerate(instances):
             # Visible extents from the rows and columns of cells still covered, cells of box/64
             # <= 1.5 px here: within two cells (measured over 484 instances: 99 % within 1.19 px,
             # the worst 2.06 px, a remnant of 16 pixels).
@@ -109,6 +111,44 @@ def test_copy_paste_matches_full_resolution_reference(seeds):
     # under 40 visible pixels whose box is off by a pixel, which shifts every cell of a 5-pixel box.
     assert np.mean(errors) < 0.02, np.mean(errors)
     assert np.max(errors) < 0.25, np.max(errors)
+
+
+def test_copy_paste_at_1024_with_the_pipelines_mask_size():
+    """Large images and objects (64-480 px) with the pipeline's 128-cell coverage masks (cells up
+    to ~4 px). The pasted union is drawn from the source's cells, a few pixels off its
+    full-resolution outline, so an occluded object can keep a sliver along the pasted edge and
+    its box grow along it: measured over 306 instances (15 batches of three), 99 % of boxes within
+    2.5 cells of their own grid, about 1 % off by 20-42 cells (up to 65 px)."""
+    size, slots, mask_size = 1024, 24, 128
+    rng = np.random.default_rng()
+    cells, errors, differing = [], [], 0
+    for _ in range(3):
+        samples, inputs, targets = _batch(tuple(int(v) for v in rng.integers(1 << 20, size=3)), size, slots,
+                                          mask_size=mask_size)
+        seed = tf.constant([int(rng.integers(1 << 30)), 7], tf.int64)
+        counts = tf.reduce_sum(tf.cast(targets["classes"] > 0, tf.int32), -1)
+        selected = cp.select_objects(tf.roll(counts, 1, 0), int(tf.reduce_max(counts)), seed).numpy()
+        _, got = cp.copy_paste(inputs, targets, seed)
+        for b, (_, instances) in enumerate(_reference(samples, selected)):
+            got_classes = got["classes"][b].numpy()
+            if list(got_classes[got_classes > 0]) != [c for c, _, _, _ in instances]:
+                differing += 1  # a sliver left by one union and not by the other (below)
+                continue
+            for k, (_, box, full, grid) in enumerate(instances):
+                cell = max(grid[2] - grid[0], grid[3] - grid[1]) / mask_size
+                cells.append(np.abs(got["boxes"][b, k].numpy() - box).max() / cell)
+                want = _coverage(full, box, mask_size).astype(np.float32)
+                errors.append(np.mean(np.abs(got["masks"][b, k].numpy().astype(np.float32) - want)) / 255.0)
+    # The same instances in the same order but where an object is covered but for a sliver:
+    # measured in 1 image of 120, where ours kept one the full-resolution paste covers entirely.
+    assert differing <= 2, differing
+    cells, errors = np.asarray(cells), np.asarray(errors)
+    close = cells <= 2.5
+    assert np.mean(close) >= 0.9 and np.median(cells) <= 0.5, np.sort(cells)[-10:]
+    # Coverage masks against the full-resolution mask's on the reference's box, where the boxes
+    # agree, over 303 instances: median 0, 90 % under 0.0055, 99 % under 0.020 (small remnants
+    # whose box is a pixel off, as at 96 px; a sliver's box has the wrong grid: up to 0.45).
+    assert np.median(errors[close]) < 0.002 and np.quantile(errors[close], 0.9) < 0.02, np.sort(errors[close])[-10:]
 
 
 def test_selection_is_torchvisions_subset_distribution():
