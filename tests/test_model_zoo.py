@@ -1,6 +1,7 @@
 """Presets with weights: fetched through Keras' file cache (here from file:// URLs of files the test
 makes), verified by the hash prefix in the file name, converted once, cached, fine-tuned."""
 import hashlib
+import json
 import os
 import shutil
 
@@ -121,8 +122,6 @@ for name, (builder, weights) in json.loads(str(inputs["table"])).items():
     info[name] = entry
 outputs["info"] = np.array(json.dumps(info))
 """
-    import json
-
     published = json.loads(str(tvref.run(script, table=np.array(json.dumps(_TORCHVISION_WEIGHTS)))["info"]))
     for name, preset in model_zoo.PRESETS.items():
         tv = published[name]
