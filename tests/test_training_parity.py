@@ -64,8 +64,9 @@ TV_LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss
 # torchvision's pure-Python roi_align with adaptive sampling (sampling_ratio=-1: the mask targets'
 # project_masks_on_boxes) samples every RoI on a grid as large as its input (every mask: the
 # image), then zeroes the samples past each RoI's ceil(size / output) grid: gigabytes per
-# intermediate tensor for a few dozen RoIs on a 192 x 256 mask. This is torchvision's own _roi_align source with the grid
-# cut to the largest one any RoI uses (the rest were zeros), checked against the original below.
+# intermediate tensor for a few dozen RoIs on a 192 x 256 mask. This is torchvision's own
+# _roi_align source with the grid cut to the largest one any RoI uses (the rest were zeros),
+# checked against the original below.
 TV_ADAPTIVE_ROI_ALIGN = r"""
 import inspect
 
