@@ -77,16 +77,22 @@ def _reference(samples, selected):
     return out
 
 
-@pytest.mark.parametrize("seeds", [(3, 4, 5), (11, 12, 13, 14)])
-def test_copy_paste_matches_full_resolution_reference(seeds):
-    size, slots = 96, 24
-    samples, inputs, targets = _batch(seeds, size, slots)
-    seed = tf.constant([int(np.random.default_rng().integers(1 << 30)), 7], tf.int64)
+def _paste(inputs, targets, rng):
+    """``copy_paste`` with a fresh seed from ``rng``, and the objects it selects ``[B, used]``."""
+    seed = tf.constant([int(rng.integers(1 << 30)), 7], tf.int64)
     counts = tf.reduce_sum(tf.cast(targets["classes"] > 0, tf.int32), -1)
     # The receiver b's draw is of the source b - 1's objects (the batch rolled by one), over the
     # occupied slots.
     selected = cp.select_objects(tf.roll(counts, 1, 0), int(tf.reduce_max(counts)), seed).numpy()
     got_inputs, got = cp.copy_paste(inputs, targets, seed)
+    return selected, got_inputs, got
+
+
+@pytest.mark.parametrize("seeds", [(3, 4, 5), (11, 12, 13, 14)])
+def test_copy_paste_matches_full_resolution_reference(seeds):
+    size, slots = 96, 24
+    samples, inputs, targets = _batch(seeds, size, slots)
+    selected, got_inputs, got = _paste(inputs, targets, np.random.default_rng())
     reference = _reference(samples, selected)
 
     errors = []
@@ -126,10 +132,7 @@ def test_copy_paste_at_1024_with_the_pipelines_mask_size():
     for _ in range(3):
         samples, inputs, targets = _batch(tuple(int(v) for v in rng.integers(1 << 20, size=3)), size, slots,
                                           mask_size=mask_size)
-        seed = tf.constant([int(rng.integers(1 << 30)), 7], tf.int64)
-        counts = tf.reduce_sum(tf.cast(targets["classes"] > 0, tf.int32), -1)
-        selected = cp.select_objects(tf.roll(counts, 1, 0), int(tf.reduce_max(counts)), seed).numpy()
-        _, got = cp.copy_paste(inputs, targets, seed)
+        selected, _, got = _paste(inputs, targets, rng)
         for b, (_, instances) in enumerate(_reference(samples, selected)):
             got_classes = got["classes"][b].numpy()
             if list(got_classes[got_classes > 0]) != [c for c, _, _, _ in instances]:
