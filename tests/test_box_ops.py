@@ -63,6 +63,15 @@ def test_batched_nms_matches_greedy_reference(rng, threshold):
         assert np.all(idx[b, num[b] :].numpy() == 0)
 
 
+def test_batched_nms_keeps_boxes_left_of_and_above_the_origin():
+    # tf.image.non_max_suppression_padded reads a box with no positive coordinate as padding.
+    boxes = tf.constant([[[-16, -8, -4, -1], [10, 10, 20, 20], [-5, -5, 0, 0], [-15, -7, -4, -1]]], tf.float32)
+    scores = tf.constant([[0.9, 0.8, 0.7, 0.6]])
+    for groups in (None, tf.constant([[0, 1, 0, 0]])):
+        idx, num = batched_nms(boxes, scores, 4, 0.5, groups)
+        assert num.numpy().tolist() == [3] and idx.numpy()[0, :3].tolist() == [0, 1, 2]
+
+
 def test_batched_nms_fewer_boxes_than_output_and_empty():
     boxes = tf.constant([[[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]], tf.float32)
     idx, num = batched_nms(boxes, tf.constant([[0.9, 0.8, 0.7]]), 10, 0.5)

@@ -285,7 +285,12 @@ NUM_CLASSES = 21  # torchvision's count, background included
 SETTINGS = dict(min_size=320, max_size=512, rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=100)
 BOX_TOL = 0.05  # px
 SCORE_TOL = 1e-4
-MIN_MASK_IOU = 0.99
+# Box-relative 28 x 28 mask probabilities agree within this (test_model_matches_torchvision_on_its_batch),
+# so a pasted pixel may be on the other side of the 0.5 threshold only where its probability is this
+# close to 0.5. Measured on an Intel Xeon with AMX (2026-12-05): 59 (v1) and 61 (v2) pixels of 400
+# detections differ, all within 3.2e-4 / 6.2e-4 of 0.5; one of them, at 0.5001, is a 65-pixel mask's
+# (IoU 0.985), which failed the earlier IoU >= 0.99 bound there.
+MASK_PROB_TOL = 5e-3
 
 # Shared with tests/test_convert_v2.py: a fast, equal roi_align for the reference.
 TV_FAST_ROI_ALIGN = r"""
@@ -502,7 +507,14 @@ def test_predict_images_matches_torchvision(parity):
     """model.predict_images(list) against torchvision's model(list): original-image boxes and masks."""
     images, ref, model = parity
     results = model.predict_images(images, batch_size=len(images))
-    worst = dict(box=0.0, score=0.0, iou=1.0, detections=0, classes=set(), swapped=0, other_grid=0)
+    # The same detections' pasted probabilities (what the binary masks threshold).
+    model.mask_output = "probability"
+    try:
+        probabilities = [r["masks"] for r in model.predict_images(images, batch_size=len(images))]
+    finally:
+        model.mask_output = "binary"
+    worst = dict(box=0.0, score=0.0, iou=1.0, differing_pixels=0, margin=0.0, detections=0, classes=set(),
+                 swapped=0, other_grid=0)
     for i, (image, result) in enumerate(zip(images, results)):
         what = f"image {i} {image.shape[:2]}"
         ref_boxes, ref_scores = ref[f"boxes{i}"], ref[f"scores{i}"]
@@ -522,10 +534,18 @@ def test_predict_images_matches_torchvision(parity):
         same_grid = (paste_origin(boxes) == paste_origin(ref_boxes)).all(axis=1)
         assert same_grid.mean() > 0.9, f"{what}: {np.sum(~same_grid)} masks on another pixel grid"
         worst["other_grid"] += int(np.sum(~same_grid))
+        probability = probabilities[i][perm]
+        np.testing.assert_array_equal(masks > 0, probability > model.mask_threshold, err_msg=what)
         for k in np.nonzero(same_grid)[0]:
-            iou = mask_iou(masks[k] > 0, ref_masks[k])
-            worst["iou"] = min(worst["iou"], iou)
-            assert iou >= MIN_MASK_IOU, f"{what}: detection {k} mask IoU {iou}"
+            worst["iou"] = min(worst["iou"], mask_iou(masks[k] > 0, ref_masks[k]))
+            differ = (masks[k] > 0) != ref_masks[k]
+            margin = np.abs(probability[k][differ] - model.mask_threshold)
+            worst["differing_pixels"] += int(differ.sum())
+            worst["margin"] = max(worst["margin"], float(margin.max(initial=0.0)))
+            assert np.all(margin <= MASK_PROB_TOL), (
+                f"{what}: detection {k}: {differ.sum()} pixels differ, probabilities up to {margin.max():.4f} "
+                f"from the threshold (IoU {mask_iou(masks[k] > 0, ref_masks[k]):.4f})"
+            )
     print(f"predict_images vs torchvision: {worst}")
 
 

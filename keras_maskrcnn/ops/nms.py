@@ -31,9 +31,13 @@ def batched_nms(
     """
     boxes = tf.cast(boxes, tf.float32)
     scores = tf.cast(scores, tf.float32)
+    # tf.image.non_max_suppression_padded counts a selected box with no coordinate > 0 as padding
+    # and drops it (a box wholly above and left of the origin): move every image's boxes to
+    # coordinates >= 1 first (IoU does not change under translation).
+    boxes = boxes - tf.minimum(tf.reduce_min(boxes, axis=[1, 2], keepdims=True), 0.0) + 1.0
     if groups is not None:
         # Shift each group far away from every other so their boxes cannot overlap.
-        extent = tf.reduce_max(tf.abs(boxes)) + 1.0
+        extent = tf.reduce_max(boxes) + 1.0
         offsets = tf.cast(groups, tf.float32) * 2.0 * extent
         boxes = boxes + offsets[..., None]
     score_threshold = float("-inf")
