@@ -508,11 +508,11 @@ def test_predict_images_matches_torchvision(parity):
     images, ref, model = parity
     results = model.predict_images(images, batch_size=len(images))
     # The same detections' pasted probabilities (what the binary masks threshold).
-    model.mask_output = "probability"
+    output, model.mask_output = model.mask_output, "probability"
     try:
         probabilities = [r["masks"] for r in model.predict_images(images, batch_size=len(images))]
     finally:
-        model.mask_output = "binary"
+        model.mask_output = output
     worst = dict(box=0.0, score=0.0, iou=1.0, differing_pixels=0, margin=0.0, detections=0, classes=set(),
                  swapped=0, other_grid=0)
     for i, (image, result) in enumerate(zip(images, results)):
