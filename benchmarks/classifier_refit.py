@@ -28,16 +28,15 @@ from keras_maskrcnn.data.categories import category_to_class  # noqa: E402
 from keras_maskrcnn.layers.box_head import _dense  # noqa: E402
 
 
-def box_features(model, image, boxes):
-    """``[N, D]`` float32 features of the box head before ``cls_score`` for ``boxes [N, 4]``."""
-    sizes = tf.constant([image.shape[:2]], tf.int32)
-    padded, features = model._features(tf.constant(image[None]), False, sizes)
+def box_features(model, features, boxes):
+    """``[N, D]`` float32 features of the box head before ``cls_score`` for ``boxes [N, 4]`` of
+    one image's pyramid ``features``."""
     heads = model.roi_heads
     x = heads._pool(heads.box_roi_align, features, tf.constant(boxes[None], tf.float32))
     x = tf.reshape(x, [len(boxes), -1])
     for fc in heads.box_head.fcs:
         x = _dense(fc, x)
-    return tf.cast(x, tf.float32).numpy(), padded, features, sizes
+    return tf.cast(x, tf.float32).numpy()
 
 
 def collect(model, classes_of, annotations, images, proposals, background_ratio, rng):
@@ -53,8 +52,9 @@ def collect(model, classes_of, annotations, images, proposals, background_ratio,
         gt = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                        for a in anns], np.float32)
         classes = np.array([classes_of[a["category_id"]] for a in anns])
-        x, padded, features, sizes = box_features(model, image, gt)
-        gt_x.append(x)
+        sizes = tf.constant([image.shape[:2]], tf.int32)
+        padded, features = model._features(tf.constant(image[None]), False, sizes)  # once per image
+        gt_x.append(box_features(model, features, gt))
         gt_y.append(classes)
         if proposals:
             out = model.rpn(features, padded, sizes, training=False)
@@ -64,7 +64,7 @@ def collect(model, classes_of, annotations, images, proposals, background_ratio,
             fg, bg = np.nonzero(labels > 0)[0], np.nonzero(labels == 0)[0]
             bg = rng.choice(bg, min(len(bg), max(int(background_ratio * len(fg)), 16)), replace=False)
             keep = np.concatenate([fg, bg])
-            roi_x.append(box_features(model, image, rois[keep])[0])
+            roi_x.append(box_features(model, features, rois[keep]))
             roi_y.append(labels[keep])
     cat = lambda parts: np.concatenate(parts) if parts else None  # noqa: E731
     return cat(gt_x), cat(gt_y), cat(roi_x), cat(roi_y)
