@@ -147,7 +147,8 @@ def choose_policy(hardware: Hardware, bfloat16_speedup=measure_bfloat16_speedup)
     """The policy ``"auto"`` means on ``hardware``, and why (one sentence).
 
     ``bfloat16_speedup`` is called (no arguments) only for a CPU whose flags promise native
-    bfloat16; tests pass a stub.
+    bfloat16; tests pass a stub. If it raises (oneDNN limited below the CPU's flags has no
+    bfloat16 convolution), the CPU gets float32.
     """
     if hardware.gpus:
         name, capability = hardware.gpus[0]
@@ -158,7 +159,14 @@ def choose_policy(hardware: Hardware, bfloat16_speedup=measure_bfloat16_speedup)
     native = [f for f in BFLOAT16_CPU_FLAGS if f in hardware.cpu_flags]
     if not native_bfloat16(hardware):
         return "float32", f"CPU {cpu} has no native bfloat16 (neither AMX nor AVX512_BF16): bfloat16 would be emulated, about 10x slower"
-    speedup = bfloat16_speedup()
+    try:
+        speedup = bfloat16_speedup()
+    except Exception as error:  # noqa: BLE001 - any failure of the check means: not native here
+        # Seen where the flags promise bfloat16 but oneDNN may not use it (ONEDNN_MAX_CPU_ISA=AVX2):
+        # oneDNN then has no bfloat16 convolution at all and the op raises.
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        return "float32", (f"CPU {cpu} lists {', '.join(native)}, but a bfloat16 convolution failed on this "
+                           f"machine ({type(error).__name__}: {first_line}): treated as emulated")
     if speedup >= MIN_BFLOAT16_SPEEDUP:
         return "mixed_bfloat16", f"CPU {cpu} has native bfloat16 ({', '.join(native)}; a bfloat16 convolution ran {speedup:.1f}x faster than float32)"
     return "float32", (f"CPU {cpu} lists {', '.join(native)}, but a bfloat16 convolution ran only {speedup:.2f}x "

@@ -43,6 +43,18 @@ def test_flags_that_lie_are_caught_by_the_measurement():
     assert choose_policy(INTEL_AMX, lambda: precision.MIN_BFLOAT16_SPEEDUP - 0.01)[0] == "float32"
 
 
+def test_a_failing_bfloat16_check_means_float32():
+    # oneDNN limited below the CPU's flags (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX CPU) has no bfloat16
+    # convolution: the op raises instead of running slowly.
+    def fails():
+        raise RuntimeError("could not create a primitive descriptor for the convolution\nmore")
+
+    policy, reason = choose_policy(INTEL_AMX, bfloat16_speedup=fails)
+    assert policy == "float32"
+    assert "failed on this machine (RuntimeError: could not create a primitive descriptor" in reason
+    assert "more" not in reason and "treated as emulated" in reason
+
+
 @pytest.mark.parametrize(
     "capabilities, expected",
     [([(7, 0)], "mixed_float16"), ([(8, 0)], "mixed_float16"), ([(9, 0), (9, 0)], "mixed_float16"),
@@ -107,3 +119,21 @@ def test_real_hardware_probe_and_measurement():
     assert math.isfinite(speedup) and speedup > 0
     policy, reason = choose_policy(hardware)
     assert policy in precision.POLICIES and reason
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_auto_on_this_cpu_with_onednn_limited_below_its_flags(isa):
+    """The real check where the flags lie: oneDNN capped below this CPU's bfloat16 extensions
+    (what an AVX2-only CPU runs). On a CPU whose flags promise bfloat16, AVX512_CORE runs bfloat16
+    emulated (measured 0.29x float32 on an AMX Xeon) and AVX2 has no bfloat16 convolution (it
+    raises); on any other CPU the flags decide. Either way "auto" must give float32, not crash."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from keras_maskrcnn import precision; import sys; "
+            "sys.stdout.write('POLICY=' + precision.resolve_policy('auto', log=False))")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, TF_ENABLE_ONEDNN_OPTS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "POLICY=float32" in result.stdout, result.stdout + result.stderr[-3000:]
