@@ -52,6 +52,9 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
             ``"batch_norm"`` (trainable; what torchvision uses when training from scratch, and what
             you want without pretrained weights: a randomly initialised ResNet with frozen
             statistics has no normalisation at all).
+        backbone_stage_channels: widths of the named ResNet's four stages (``planes`` of ``layer1``
+            .. ``layer4``); None: torchvision's ``(64, 128, 256, 512)``. ``presets.demo_config``
+            narrows ``layer4`` to 256 for cheaper CPU steps.
         mask_output: what ``call`` returns as ``masks``: ``"binary"`` (uint8 0/1 pasted into the
             input image, ``[B, N, H, W]``, probability ``> mask_threshold``), ``"probability"``
             (float32, same shape) or ``"box"`` (float32 box-relative ``[B, N, 28, 28]``).
@@ -119,6 +122,7 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         backbone: Union[str, keras.Model] = "resnet50",
         trainable_backbone_layers: int = 3,
         backbone_norm: str = "frozen_bn",
+        backbone_stage_channels: Optional[Sequence[int]] = None,
         fpn_channels: int = 256,
         anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512),
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -193,6 +197,9 @@ class MaskRCNN(FlatSettings, TrainingSteps, keras.Model):
         self.num_classes = num_classes
         self.trainable_backbone_layers = trainable_backbone_layers
         self.backbone_norm = backbone_norm
+        self.backbone_stage_channels = None if backbone_stage_channels is None else tuple(
+            int(c) for c in backbone_stage_channels
+        )
         self.mask_threshold = mask_threshold
         self.mask_output = mask_output
         self.image_mean = tuple(float(m) for m in image_mean)

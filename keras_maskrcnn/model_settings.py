@@ -46,7 +46,11 @@ class FlatSettings:
 # (torchvision) argument of MaskRCNN -> the name the part itself uses (build_rpn's, build_roi_heads'
 # and transform's keywords).
 STAGE_SETTINGS: Dict[str, Dict[str, str]] = {
-    "backbone_config": {"trainable_backbone_layers": "trainable_layers", "backbone_norm": "norm"},
+    "backbone_config": {
+        "trainable_backbone_layers": "trainable_layers",
+        "backbone_norm": "norm",
+        "backbone_stage_channels": "stage_channels",
+    },
     "fpn_config": {"fpn_channels": "channels", "fpn_norm": "norm"},
     "rpn_config": {
         "anchor_sizes": "anchor_sizes",
@@ -130,6 +134,7 @@ def flat_settings(model) -> Dict[str, Any]:
         "backbone": model._backbone_config,
         "trainable_backbone_layers": model.trainable_backbone_layers,
         "backbone_norm": model.backbone_norm,
+        "backbone_stage_channels": None if model.backbone_stage_channels is None else list(model.backbone_stage_channels),
         "fpn_norm": model.fpn.norm,
         "anchor_sizes": list(model.anchor_sizes),
         "aspect_ratios": list(model.aspect_ratios),

@@ -44,13 +44,17 @@ DEMO_IMAGE_SIZE = 160
 
 def demo_config(image_size: int = DEMO_IMAGE_SIZE) -> Dict[str, Any]:
     """The main job's model (``make demo``): :func:`small_model_config` at ``image_size`` with the
-    anchors scaled with the image (the synthetic shapes scale with it), and fewer RoIs per training
-    image (300 proposals, 48 sampled): on the 2-core AVX2 host this gave held-out segm AP50 0.504
-    against 0.456 with the small preset's 500 / 64, in the same 5.3 minutes (one run each,
-    BENCHMARKS.md)."""
+    anchors scaled with the image (the synthetic shapes scale with it), fewer RoIs per training
+    image (300 proposals, 48 sampled: on the 2-core AVX2 host held-out segm AP50 0.504 against
+    0.456 with the small preset's 500 / 64 in the same 5.3 minutes, one run each) and ResNet-18's
+    ``layer4`` at 256 channels instead of 512 (``backbone_stage_channels``): at 160 px its 5 x 5
+    maps cost a third of the backbone and three quarters of the weights the optimizer updates;
+    narrowed, a float32 step takes 18 % less time and the model learns as much per step
+    (BENCHMARKS.md, session 15)."""
     scale = image_size / 256.0
     return dict(
         small_model_config(image_size),
+        backbone_stage_channels=(64, 128, 256, 256),
         anchor_sizes=tuple(round(s * scale) for s in (16, 32, 64, 128, 256)),
         rpn_post_nms_top_n_train=300,
         box_batch_size_per_image=48,

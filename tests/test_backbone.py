@@ -131,6 +131,43 @@ def test_basic_resnet_weight_count(name, expected):
     assert total - 2 * bn_channels == expected
 
 
+def _basic_resnet_weights(stage_channels, blocks_per_stage):
+    """Conv weights of a BasicBlock ResNet from its definition (7x7 stem of 64; per block two 3x3
+    convs, and a 1x1 downsample where the stride or the width changes)."""
+    total, in_channels = 3 * 64 * 49, 64
+    for stage, (planes, blocks) in enumerate(zip(stage_channels, blocks_per_stage)):
+        for i in range(blocks):
+            total += 9 * in_channels * planes + 9 * planes * planes
+            if i == 0 and (stage > 0 or in_channels != planes):
+                total += in_channels * planes
+            in_channels = planes
+    return total
+
+
+@pytest.mark.parametrize("stage_channels", [(64, 128, 256, 512), (64, 128, 256, 256), (32, 48, 96, 80)])
+def test_stage_channels_set_each_stages_width(stage_channels):
+    backbone = build_backbone("resnet18", stage_channels=stage_channels)
+    backbone.build((None, None, None, 3))
+    assert backbone.out_channels == tuple(stage_channels) == backbone_channels(backbone)
+    convs = sum(int(np.prod(l.kernel.shape)) for l in backbone.named_layers().values() if hasattr(l, "kernel"))
+    assert convs == _basic_resnet_weights(stage_channels, (2, 2, 2, 2))
+    features = backbone(np.zeros((1, 64, 64, 3), "float32"))
+    assert [f.shape[-1] for f in features] == list(stage_channels)
+    if stage_channels == (64, 128, 256, 512):
+        assert _basic_resnet_weights(stage_channels, (2, 2, 2, 2)) == 11_176_512 - 2 * 4800  # BN affine apart
+
+
+def test_stage_channels_are_checked():
+    with pytest.raises(ValueError, match="stage_channels"):
+        ResNet(depth=18, stage_channels=(64, 128, 256))
+    with pytest.raises(ValueError, match="stage_channels"):
+        ResNet(depth=18, stage_channels=(64, 128, 0, 256))
+    images = keras.Input((None, None, 3))
+    user = keras.Model(images, ResNet(depth=18, **TINY)(images))
+    with pytest.raises(ValueError, match="named backbones only"):
+        build_backbone(user, stage_channels=(64, 128, 256, 256))
+
+
 def test_basic_resnet_rejects_groups():
     with pytest.raises(ValueError, match="BasicBlock"):
         ResNet(depth=18, groups=32, width_per_group=8)
@@ -184,7 +221,9 @@ def test_frozen_batch_norm_config_round_trip():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(groups=4, width_per_group=16), dict(depth=18)], ids=["resnext", "basic"]
+    "kwargs",
+    [dict(groups=4, width_per_group=16), dict(depth=18), dict(depth=18, stage_channels=(8, 16, 24, 12))],
+    ids=["resnext", "basic", "narrow"],
 )
 def test_resnet_config_round_trip(kwargs):
     backbone = ResNet(**kwargs, trainable_layers=2, **TINY)

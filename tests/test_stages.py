@@ -104,7 +104,7 @@ def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
     grouped = MaskRCNN(
         3,
         backbone="resnet18",
-        backbone_config={"norm": "batch_norm", "trainable_layers": 4},
+        backbone_config={"norm": "batch_norm", "trainable_layers": 4, "stage_channels": (64, 128, 256, 128)},
         fpn_config={"channels": 16, "norm": "batch_norm"},
         rpn_config={"anchor_sizes": (8, 16, 32, 64, 128), "nms_threshold": 0.6, "pre_nms_top_n_test": 100,
                     "post_nms_top_n_test": 30, "batch_size_per_image": 64},
@@ -115,7 +115,8 @@ def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
         transform_config={"min_size": 64, "max_size": 96, "mask_threshold": 0.4},
     )
     flat = MaskRCNN(
-        3, backbone="resnet18", backbone_norm="batch_norm", trainable_backbone_layers=4, fpn_channels=16,
+        3, backbone="resnet18", backbone_norm="batch_norm", trainable_backbone_layers=4,
+        backbone_stage_channels=(64, 128, 256, 128), fpn_channels=16,
         fpn_norm="batch_norm", anchor_sizes=(8, 16, 32, 64, 128), rpn_nms_threshold=0.6,
         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=64,
         representation_size=32, mask_head_convs=1, mask_head_channels=16, box_score_threshold=0.0,
@@ -125,6 +126,7 @@ def test_settings_grouped_by_stage_build_the_same_model_as_flat_ones():
     assert _settings(grouped) == _settings(flat)
     assert grouped.rpn.proposal_layer.nms_threshold == 0.6 and grouped.roi_heads.detection_layer.nms_threshold == 0.4
     assert grouped.roi_heads.sampler.batch_size_per_image == 32 and grouped.rpn.batch_size_per_image == 64
+    assert grouped.backbone.out_channels == flat.backbone.out_channels == (64, 128, 256, 128)
 
     stages = grouped.stage_config()
     assert stages["rpn_config"]["nms_threshold"] == 0.6 and stages["roi_heads_config"]["nms_threshold"] == 0.4

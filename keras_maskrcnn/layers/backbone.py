@@ -27,6 +27,9 @@ BLOCKS_PER_STAGE = {
 }
 
 # Names accepted by `build_backbone`, as torchvision's constructor arguments.
+# torchvision's widths of layer1 .. layer4 (``planes``; the outputs have ``planes * expansion`` channels).
+DEFAULT_STAGE_CHANNELS = (64, 128, 256, 512)
+
 BACKBONES = {
     "resnet18": dict(depth=18, groups=1, width_per_group=64),
     "resnet34": dict(depth=34, groups=1, width_per_group=64),
@@ -209,6 +212,9 @@ class ResNet(keras.layers.Layer):
             ``"batch_norm"`` (trainable ``BatchNormalization``, for training from scratch).
         blocks_per_stage: overrides the four block counts that ``depth`` implies (small test models);
             the block type still follows ``depth``.
+        stage_channels: the ``planes`` of ``layer1`` .. ``layer4`` (timm's ``channels``); default
+            ``(64, 128, 256, 512)``, torchvision's. Narrower late stages make a cheaper CPU model
+            (``presets.demo_config``); the outputs have ``planes * expansion`` channels.
         **kwargs: standard layer arguments (``name``, ``dtype``, ``trainable``).
 
     Call arguments:
@@ -217,7 +223,8 @@ class ResNet(keras.layers.Layer):
     Returns:
         ``[C2, C3, C4, C5]``: ``[B, ceil(H / s), ceil(W / s), c]`` for strides ``s`` = 4, 8, 16, 32
         (see ``feature_strides``) and channels ``c`` (``out_channels``) = 256, 512, 1024, 2048
-        for depth 50 and up, 64, 128, 256, 512 for depth 18/34, in the compute dtype.
+        for depth 50 and up, 64, 128, 256, 512 for depth 18/34 (``stage_channels`` times the
+        expansion), in the compute dtype.
 
     Example:
 
@@ -238,6 +245,7 @@ class ResNet(keras.layers.Layer):
         trainable_layers: int = 3,
         blocks_per_stage: Sequence[int] | None = None,
         norm: str = "frozen_bn",
+        stage_channels: Sequence[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -256,6 +264,9 @@ class ResNet(keras.layers.Layer):
         blocks_per_stage = tuple(int(n) for n in blocks_per_stage)
         if len(blocks_per_stage) != 4 or min(blocks_per_stage) < 1:
             raise ValueError(f"`blocks_per_stage` must be four positive counts, got {blocks_per_stage}.")
+        stage_channels = tuple(int(c) for c in (stage_channels or DEFAULT_STAGE_CHANNELS))
+        if len(stage_channels) != 4 or min(stage_channels) < 1:
+            raise ValueError(f"`stage_channels` must be four positive widths, got {stage_channels}.")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"`trainable_layers` must be in [0, 5], got {trainable_layers}.")
         self.depth = depth
@@ -263,6 +274,7 @@ class ResNet(keras.layers.Layer):
         self.width_per_group = width_per_group
         self.trainable_layers = trainable_layers
         self.blocks_per_stage = blocks_per_stage
+        self.stage_channels = stage_channels
         self.norm = norm
 
         dtype = self.dtype_policy
@@ -276,7 +288,7 @@ class ResNet(keras.layers.Layer):
         self._stage_ends = []  # index of the last block of each stage, whose output is C2..C5
         in_channels = 64
         expansion = block_type.expansion
-        for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
+        for stage, (planes, num_blocks) in enumerate(zip(stage_channels, blocks_per_stage)):
             extra = {}
             if block_type is _Bottleneck:
                 extra = dict(width=int(planes * (width_per_group / 64.0)) * groups, groups=groups)
@@ -294,7 +306,7 @@ class ResNet(keras.layers.Layer):
                 self.blocks.append(block)
                 in_channels = planes * expansion
             self._stage_ends.append(len(self.blocks) - 1)
-        self.out_channels = tuple(64 * 2**i * expansion for i in range(4))
+        self.out_channels = tuple(planes * expansion for planes in stage_channels)
 
         trainable = set(_TRAINABLE_ORDER[:trainable_layers])
         if "conv1" not in trainable:
@@ -345,6 +357,7 @@ class ResNet(keras.layers.Layer):
             "trainable_layers": self.trainable_layers,
             "blocks_per_stage": list(self.blocks_per_stage),
             "norm": self.norm,
+            "stage_channels": list(self.stage_channels),
         }
 
 
@@ -386,7 +399,11 @@ def backbone_channels(backbone: keras.layers.Layer) -> tuple[int, ...]:
 
 
 def build_backbone(
-    backbone: str | keras.Model, trainable_layers: int = 3, norm: str = "frozen_bn", dtype=None
+    backbone: str | keras.Model,
+    trainable_layers: int = 3,
+    norm: str = "frozen_bn",
+    stage_channels: Sequence[int] | None = None,
+    dtype=None,
 ) -> keras.layers.Layer | keras.Model:
     """A backbone by name, or a user model checked to produce ``[C2, C3, C4, C5]``.
 
@@ -397,6 +414,8 @@ def build_backbone(
         trainable_layers: for named backbones, see :class:`ResNet`. A user model keeps its own
             ``trainable`` settings.
         norm: for named backbones, ``"frozen_bn"`` or ``"batch_norm"`` (see :class:`ResNet`).
+        stage_channels: for named backbones, the widths of the four stages (see :class:`ResNet`);
+            None: the network's own.
         dtype: dtype policy of a named backbone (default: the global policy).
 
     Example:
@@ -410,7 +429,12 @@ def build_backbone(
     if isinstance(backbone, str):
         if backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {sorted(BACKBONES)} or a keras.Model, got {backbone!r}.")
-        return ResNet(**BACKBONES[backbone], trainable_layers=trainable_layers, norm=norm, name=backbone, dtype=dtype)
+        return ResNet(
+            **BACKBONES[backbone], trainable_layers=trainable_layers, norm=norm, stage_channels=stage_channels,
+            name=backbone, dtype=dtype,
+        )
+    if stage_channels is not None:
+        raise ValueError("`stage_channels` applies to named backbones only; a keras.Model keeps its own widths.")
     if isinstance(backbone, keras.Model):
         backbone_channels(backbone)
         return backbone
