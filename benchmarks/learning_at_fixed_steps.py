@@ -24,6 +24,7 @@ p.add_argument("--name", default="x")
 p.add_argument("--eval", type=int, default=40)
 p.add_argument("--results", default="learning_at_fixed_steps.jsonl")
 p.add_argument("--workdir", default="/tmp/learning_at_fixed_steps")
+p.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (the data stay the same)")
 a = p.parse_args()
 import tensorflow as tf
 if a.threads:
@@ -35,7 +36,7 @@ from keras_maskrcnn.data import SyntheticShapes, synthetic_dataset
 from keras_maskrcnn.evaluation import evaluate_coco
 from keras_maskrcnn.optimizers import FusedAdamW
 from keras_maskrcnn.presets import demo_config
-keras.utils.set_random_seed(0)
+keras.utils.set_random_seed(a.seed)
 size = (a.size, a.size)
 train = synthetic_dataset(5000, a.batch, image_size=size, seed=1, max_instances=16, repeat=True)
 cfg = dict(demo_config(image_size=a.size), **json.loads(a.config))
@@ -52,7 +53,7 @@ t2 = time.time()
 m = evaluate_coco(model, ann, d, batch_size=8)
 losses = {k: [round(v[0], 3), round(v[-1], 3)] for k, v in h.history.items()}
 from keras_maskrcnn.precision import machine_summary
-res = dict(machine=machine_summary(), name=a.name, steps=a.steps, batch=a.batch, lr=a.lr, config=a.config, train_s=round(tt), eval_s=round(time.time() - t2),
+res = dict(machine=machine_summary(), name=a.name, seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, config=a.config, train_s=round(tt), eval_s=round(time.time() - t2),
            segm50=round(m["segm"]["AP50"], 3), bbox50=round(m["bbox"]["AP50"], 3), segm=round(m["segm"]["AP"], 3), bbox_sml=[round(m["bbox"][k], 3) for k in ("APs", "APm", "APl")], losses=losses)
 model.save(os.path.join(a.workdir, f"{a.name}.keras"))
 print(json.dumps(res))
