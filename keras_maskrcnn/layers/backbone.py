@@ -26,10 +26,10 @@ BLOCKS_PER_STAGE = {
     152: (3, 8, 36, 3),
 }
 
-# Names accepted by `build_backbone`, as torchvision's constructor arguments.
 # torchvision's widths of layer1 .. layer4 (``planes``; the outputs have ``planes * expansion`` channels).
 DEFAULT_STAGE_CHANNELS = (64, 128, 256, 512)
 
+# Names accepted by `build_backbone`, as torchvision's constructor arguments.
 BACKBONES = {
     "resnet18": dict(depth=18, groups=1, width_per_group=64),
     "resnet34": dict(depth=34, groups=1, width_per_group=64),
@@ -264,7 +264,7 @@ class ResNet(keras.layers.Layer):
         blocks_per_stage = tuple(int(n) for n in blocks_per_stage)
         if len(blocks_per_stage) != 4 or min(blocks_per_stage) < 1:
             raise ValueError(f"`blocks_per_stage` must be four positive counts, got {blocks_per_stage}.")
-        stage_channels = tuple(int(c) for c in (stage_channels or DEFAULT_STAGE_CHANNELS))
+        stage_channels = tuple(int(c) for c in (DEFAULT_STAGE_CHANNELS if stage_channels is None else stage_channels))
         if len(stage_channels) != 4 or min(stage_channels) < 1:
             raise ValueError(f"`stage_channels` must be four positive widths, got {stage_channels}.")
         if not 0 <= trainable_layers <= 5:
