@@ -15,7 +15,7 @@
   warmup, step decay) with Keras' decoupled weight decay (``"sgd"``; torchvision's coupled L2 is
   the ``torchvision_v1`` recipe's ``"sgd_l2"``). Without, the from-scratch recipe of
   ``benchmarks/train_synthetic.py`` (AdamW, lr scaled from 2e-3 at batch 8, cosine decay to 0
-  over the run, short warmup, gradient clipping). A named recipe (``recipe=``,
+  over the run after a linear warmup over 40 % of a short run, at most 100 steps, gradient clipping). A named recipe (``recipe=``,
   :mod:`keras_maskrcnn.recipes`: ``torchvision_v1``, ``lsj``, ``lsj_detectron2``) replaces these
   rules with a published run's model layout, optimizer, schedule, augmentation and batch-norm
   synchronisation, the learning rate scaled linearly with the batch.
@@ -56,6 +56,11 @@ DEFAULT_EPOCHS = 12  # without a recipe
 # size, 4000 -> 0.62; from_scratch_config: 1920 -> 0.50-0.56, 5120 -> 0.77); a shorter
 # from-scratch plan says so.
 FROM_SCRATCH_IMAGES_SEEN = 5000
+# AdamW from scratch warms up over 40 % of a short run, at most 100 steps: the 20 steps (one epoch)
+# it had before left the box head's classifier at the class prior for two epochs (BENCHMARKS.md,
+# "Session 16").
+FROM_SCRATCH_WARMUP = 100
+FROM_SCRATCH_WARMUP_FRACTION = 0.4
 
 
 @dataclasses.dataclass
@@ -141,14 +146,14 @@ class TrainingPlan:
         )
 
     def build_optimizer(self) -> keras.optimizers.Optimizer:
-        """:func:`~keras_maskrcnn.optimizers.build_optimizer` with the planned recipe (warmup of at
-        most one epoch). For distributed training, call it inside ``strategy.scope()``."""
+        """:func:`~keras_maskrcnn.optimizers.build_optimizer` with the planned recipe. For distributed
+        training, call it inside ``strategy.scope()``."""
         return build_optimizer(
             learning_rate=self.learning_rate,
             optimizer=self.optimizer,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            warmup_steps=min(self.warmup_steps, self.steps_per_epoch),
+            warmup_steps=self.warmup_steps,
             warmup_factor=self.warmup_factor,
             schedule=self.schedule,
             total_steps=self.total_steps,
@@ -177,7 +182,7 @@ class TrainingPlan:
             f"  batches    {self.batch_size} images, {self.steps_per_epoch} steps per epoch, {self.epochs} epochs "
             f"({self.total_steps} steps)",
             f"  optimizer  {self.optimizer}, lr {self.learning_rate:g}, {self.schedule} schedule after "
-            f"{min(self.warmup_steps, self.steps_per_epoch)} warmup steps, weight decay {self.weight_decay:g}{clip}",
+            f"{self.warmup_steps} warmup steps, weight decay {self.weight_decay:g}{clip}",
         ] + ([f"  training   {'; '.join(extras)}"] if extras else []) + ([f"  note       {self.note}"] if self.note else []))
 
 
@@ -267,7 +272,7 @@ def plan_training(
     frame = options["target_size"] if augmentation == "lsj" else None  # every LSJ image is this square
     batch_size = batch_size or (batch_size_for(frame, frame) if frame else batch_size_for(min_size, max_size))
     steps = steps_per_epoch or steps_per_epoch_for(num_images, batch_size)  # full batches: the pipeline drops the rest
-    optimizer, defaults = _optimizer_defaults(optimizer, pretrained, batch_size, steps, recipe)
+    optimizer, defaults = _optimizer_defaults(optimizer, pretrained, batch_size, steps, epochs, recipe)
     if norm_weight_decay is not None and optimizer != "sgd_l2":
         raise ValueError(f"norm_weight_decay needs optimizer 'sgd_l2', not {optimizer!r}.")
     schedule = schedule or defaults["schedule"]
@@ -346,24 +351,29 @@ def _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm, trai
     return model_name, config
 
 
-def _optimizer_defaults(optimizer, pretrained, batch_size, steps, recipe) -> Tuple[str, Dict[str, Any]]:
+def _optimizer_defaults(optimizer, pretrained, batch_size, steps, epochs, recipe) -> Tuple[str, Dict[str, Any]]:
     """The optimizer's name and the defaults of its recipe: the named recipe's (for its own
-    optimizer or plain ``"sgd"``), torchvision's schedule for SGD, the from-scratch recipe for AdamW."""
+    optimizer or plain ``"sgd"``), torchvision's schedule for SGD, the from-scratch recipe for AdamW.
+    ``steps`` is the number of steps per epoch. SGD warms up within the first epoch, as torchvision's
+    reference scripts do (``min(1000, len(data_loader) - 1)``); AdamW from scratch over
+    :data:`FROM_SCRATCH_WARMUP_FRACTION` of a short run (:data:`FROM_SCRATCH_WARMUP` steps at most)."""
     common = dict(momentum=0.9, warmup_factor=0.001, norm_weight_decay=None)
     if recipe is not None and optimizer in (None, recipe.optimizer, "sgd"):
         optimizer = optimizer or recipe.optimizer
         return optimizer, dict(
-            learning_rate=recipe.learning_rate_for(batch_size), schedule="step", warmup=recipe.warmup_steps,
+            learning_rate=recipe.learning_rate_for(batch_size), schedule="step", warmup=min(recipe.warmup_steps, steps),
             warmup_factor=recipe.warmup_factor, weight_decay=recipe.weight_decay, clipnorm=None,
             momentum=recipe.momentum, norm_weight_decay=recipe.norm_weight_decay if optimizer == "sgd_l2" else None,
         )
     optimizer = optimizer or ("sgd" if pretrained else "adamw")
     if optimizer == "adamw":
         lr = 2e-3 * math.sqrt(batch_size / 8)  # the synthetic benchmark's best, sqrt-scaled
-        return optimizer, dict(common, learning_rate=lr, schedule="cosine", warmup=min(100, steps),
+        warmup = min(FROM_SCRATCH_WARMUP, round(FROM_SCRATCH_WARMUP_FRACTION * steps * epochs))
+        return optimizer, dict(common, learning_rate=lr, schedule="cosine", warmup=warmup,
                                weight_decay=1e-4, clipnorm=10.0)
     lr = 0.02 * batch_size / 16  # torchvision: 0.02 for 16 images, linear scaling
-    return optimizer, dict(common, learning_rate=lr, schedule="step", warmup=1000, weight_decay=1e-4, clipnorm=None)
+    return optimizer, dict(common, learning_rate=lr, schedule="step", warmup=min(1000, steps), weight_decay=1e-4,
+                           clipnorm=None)
 
 
 def coco_image_sizes(source) -> list:

@@ -1,4 +1,6 @@
 """keras_maskrcnn.plan: the training plan `keras-maskrcnn train` makes when the user does not say."""
+import math
+
 import numpy as np
 import pytest
 
@@ -38,14 +40,18 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert plan.batch_size == 8 and plan.steps_per_epoch == 20 and plan.total_steps == 240
     assert (plan.optimizer, plan.schedule) == ("adamw", "cosine")
     assert plan.learning_rate == pytest.approx(2e-3)
-    assert plan.clipnorm == 10.0 and plan.warmup_steps == 20
+    # AdamW warms up over 40 % of a short run (96 of 240 steps), at most 100 steps, not within one epoch.
+    assert plan.clipnorm == 10.0 and plan.warmup_steps == 96
     assert plan.precision == "float32"
     text = plan.describe()
-    for expected in ("resnet18", "256", "float32", "20 steps per epoch", "adamw"):
+    for expected in ("resnet18", "256", "float32", "20 steps per epoch", "adamw", "after 96 warmup steps"):
         assert expected in text
     # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 5000.
     assert "1920 images seen" in text and "--epochs 32" in text
-    assert plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False).note is None
+    longer = plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False)
+    assert longer.note is None and longer.warmup_steps == 100
+    schedule = longer.build_optimizer()._learning_rate
+    assert float(schedule(50)) == pytest.approx(2e-3 * (0.001 + 0.999 * 0.5) * 0.5 * (1 + math.cos(math.pi * 50 / 640)))
     assert plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=True).note is None
 
 

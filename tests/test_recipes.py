@@ -68,7 +68,8 @@ def test_torchvision_v1_plan():
     assert (plan.min_size, plan.max_size, plan.batch_size, plan.steps_per_epoch) == (800, 1333, 2, 500)
     assert (plan.optimizer, plan.schedule, plan.epochs) == ("sgd_l2", "step", 26)
     assert plan.learning_rate == pytest.approx(0.02 * 2 / 16)
-    assert (plan.weight_decay, plan.momentum, plan.warmup_steps, plan.warmup_factor) == (1e-4, 0.9, 1000, 0.001)
+    assert (plan.weight_decay, plan.momentum, plan.warmup_factor) == (1e-4, 0.9, 0.001)
+    assert plan.warmup_steps == 500  # the recipe's 1000, within the first epoch as in torchvision's reference
     assert plan.decay_steps == [16 * 500, 22 * 500] and plan.clipnorm is None
     assert (plan.augmentation, plan.sync_batch_norm, plan.norm_weight_decay) == ("multiscale", False, None)
     assert plan.augmentation_options == {"min_sizes": tuple(range(480, 801, 32))}  # torchvision's at short side 800
