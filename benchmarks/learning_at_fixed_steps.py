@@ -17,7 +17,7 @@ p.add_argument("--batch", type=int, default=4)
 p.add_argument("--size", type=int, default=160)
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--wd", type=float, default=1e-4)
-p.add_argument("--warmup", type=int, default=50)
+p.add_argument("--warmup", type=int, default=150, help="warmup steps (the demo's; 50 before session 16)")
 p.add_argument("--config", default="{}")
 p.add_argument("--threads", type=int, default=0)
 p.add_argument("--name", default="x")
@@ -53,7 +53,7 @@ t2 = time.time()
 m = evaluate_coco(model, ann, d, batch_size=8)
 losses = {k: [round(v[0], 3), round(v[-1], 3)] for k, v in h.history.items()}
 from keras_maskrcnn.precision import machine_summary
-res = dict(machine=machine_summary(), name=a.name, seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, config=a.config, train_s=round(tt), eval_s=round(time.time() - t2),
+res = dict(machine=machine_summary(), name=a.name, seed=a.seed, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup, config=a.config, train_s=round(tt), eval_s=round(time.time() - t2),
            segm50=round(m["segm"]["AP50"], 3), bbox50=round(m["bbox"]["AP50"], 3), segm=round(m["segm"]["AP"], 3), bbox_sml=[round(m["bbox"][k], 3) for k in ("APs", "APm", "APl")], losses=losses)
 model.save(os.path.join(a.workdir, f"{a.name}.keras"))
 print(json.dumps(res))
