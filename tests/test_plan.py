@@ -52,6 +52,11 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert longer.note is None and longer.warmup_steps == 100
     schedule = longer.build_optimizer()._learning_rate
     assert float(schedule(50)) == pytest.approx(2e-3 * (0.001 + 0.999 * 0.5) * 0.5 * (1 + math.cos(math.pi * 50 / 640)))
+    # A warmup the user asks for is kept whole, even when longer than an epoch (20 steps here).
+    asked = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False, warmup_steps=50)
+    assert asked.warmup_steps == 50 and "after 50 warmup steps" in asked.describe()
+    rate = asked.build_optimizer()._learning_rate
+    assert float(rate(25)) == pytest.approx(2e-3 * (0.001 + 0.999 * 0.5) * 0.5 * (1 + math.cos(math.pi * 25 / 240)))
     assert plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=True).note is None
 
 
