@@ -29,6 +29,12 @@ def test_batch_size_follows_the_pixels():
     assert batch_size_for(800, 1333) == 2
 
 
+def _warmed_up_cosine(lr, step, warmup, total, factor=0.001):
+    """torchvision's linear warmup from ``factor`` multiplying a cosine decay to 0 at ``total``."""
+    alpha = min(step / warmup, 1.0)
+    return lr * (factor * (1 - alpha) + alpha) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32" if p == "auto" else p)
     plan = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False)
@@ -51,12 +57,12 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     longer = plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False)
     assert longer.note is None and longer.warmup_steps == 100
     schedule = longer.build_optimizer()._learning_rate
-    assert float(schedule(50)) == pytest.approx(2e-3 * (0.001 + 0.999 * 0.5) * 0.5 * (1 + math.cos(math.pi * 50 / 640)))
+    assert float(schedule(50)) == pytest.approx(_warmed_up_cosine(2e-3, 50, warmup=100, total=640))
     # A warmup the user asks for is kept whole, even when longer than an epoch (20 steps here).
     asked = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False, warmup_steps=50)
     assert asked.warmup_steps == 50 and "after 50 warmup steps" in asked.describe()
     rate = asked.build_optimizer()._learning_rate
-    assert float(rate(25)) == pytest.approx(2e-3 * (0.001 + 0.999 * 0.5) * 0.5 * (1 + math.cos(math.pi * 25 / 240)))
+    assert float(rate(25)) == pytest.approx(_warmed_up_cosine(2e-3, 25, warmup=50, total=240))
     assert plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=True).note is None
 
 
