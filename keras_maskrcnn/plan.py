@@ -15,8 +15,8 @@
   warmup, step decay) with Keras' decoupled weight decay (``"sgd"``; torchvision's coupled L2 is
   the ``torchvision_v1`` recipe's ``"sgd_l2"``). Without, the from-scratch recipe of
   ``benchmarks/train_synthetic.py`` (AdamW, lr scaled from 2e-3 at batch 8, cosine decay to 0
-  over the run after a linear warmup over 40 % of a short run, at most 100 steps, gradient clipping). A named recipe (``recipe=``,
-  :mod:`keras_maskrcnn.recipes`: ``torchvision_v1``, ``lsj``, ``lsj_detectron2``) replaces these
+  over the run, a linear warmup over 40 % of a short run, at most 100 steps, gradient clipping).
+  A named recipe (``recipe=``, :mod:`keras_maskrcnn.recipes`: ``torchvision_v1``, ``lsj``, ``lsj_detectron2``) replaces these
   rules with a published run's model layout, optimizer, schedule, augmentation and batch-norm
   synchronisation, the learning rate scaled linearly with the batch.
 * **Batch**: 2 images at large sizes (torchvision's per-GPU batch), more for small images
