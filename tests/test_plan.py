@@ -23,9 +23,11 @@ def test_image_size_never_enlarges_and_caps_at_torchvision():
 
 
 def test_batch_size_follows_the_pixels():
-    assert batch_size_for(256, 256) == 8
+    assert batch_size_for(256, 256) == 4
+    assert batch_size_for(181, 181) == 8
     assert batch_size_for(128, 128) == 8  # capped
-    assert batch_size_for(512, 512) == 2
+    assert batch_size_for(362, 362) == 2
+    assert batch_size_for(512, 512) == 2  # at least 2
     assert batch_size_for(800, 1333) == 2
 
 
@@ -43,26 +45,27 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert plan.model_config["trainable_backbone_layers"] == 5
     assert plan.model_config["box_gt_jitter_copies"] == 4 and plan.model_config["fpn_channels"] == 128
     assert (plan.min_size, plan.max_size) == (256, 256)
-    assert plan.batch_size == 8 and plan.steps_per_epoch == 20 and plan.total_steps == 240
+    assert plan.batch_size == 4 and plan.steps_per_epoch == 40 and plan.total_steps == 480
     assert (plan.optimizer, plan.schedule) == ("adamw", "cosine")
-    assert plan.learning_rate == pytest.approx(2e-3)
-    # AdamW warms up over 40 % of a short run (96 of 240 steps), at most 100 steps, not within one epoch.
-    assert plan.clipnorm == 10.0 and plan.warmup_steps == 96
+    assert plan.learning_rate == pytest.approx(2e-3 * math.sqrt(4 / 8))  # 2e-3 at batch 8, sqrt-scaled
+    # AdamW warms up over 40 % of a short run, at most 100 steps, not within one epoch.
+    assert plan.clipnorm == 10.0 and plan.warmup_steps == 100
+    assert plan_training([(256, 256)] * 160, 160, epochs=5, pretrained=False).warmup_steps == 80  # 40 % of 200
     assert plan.precision == "float32"
     text = plan.describe()
-    for expected in ("resnet18", "256", "float32", "20 steps per epoch", "adamw", "after 96 warmup steps"):
+    for expected in ("resnet18", "256", "float32", "40 steps per epoch", "adamw", "after 100 warmup steps"):
         assert expected in text
     # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 5000.
     assert "1920 images seen" in text and "--epochs 32" in text
     longer = plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False)
     assert longer.note is None and longer.warmup_steps == 100
     schedule = longer.build_optimizer()._learning_rate
-    assert float(schedule(50)) == pytest.approx(_warmed_up_cosine(2e-3, 50, warmup=100, total=640))
-    # A warmup the user asks for is kept whole, even when longer than an epoch (20 steps here).
+    assert float(schedule(50)) == pytest.approx(_warmed_up_cosine(plan.learning_rate, 50, warmup=100, total=1280))
+    # A warmup the user asks for is kept whole, even when longer than an epoch (40 steps here).
     asked = plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=False, warmup_steps=50)
     assert asked.warmup_steps == 50 and "after 50 warmup steps" in asked.describe()
     rate = asked.build_optimizer()._learning_rate
-    assert float(rate(25)) == pytest.approx(_warmed_up_cosine(2e-3, 25, warmup=50, total=240))
+    assert float(rate(25)) == pytest.approx(_warmed_up_cosine(plan.learning_rate, 25, warmup=50, total=480))
     assert plan_training([(256, 256)] * 160, 160, epochs=12, pretrained=True).note is None
 
 
@@ -100,7 +103,7 @@ def test_explicit_choices_win():
 
 def test_steps_per_epoch_count_the_full_batches_the_pipeline_keeps():
     # coco_dataset drops the last partial batch when there is at least one full one.
-    assert plan_training([(256, 256)], 165, 1, False, precision="float32").steps_per_epoch == 20
+    assert plan_training([(256, 256)], 165, 1, False, precision="float32").steps_per_epoch == 41  # batch 4
     assert plan_training([(256, 256)], 3, 1, False, precision="float32").steps_per_epoch == 1
 
 

@@ -111,8 +111,9 @@ def test_lsj_plan_and_its_detectron2_variant():
     optimizer = d2.build_optimizer()
     assert isinstance(optimizer, CoupledL2SGD) and optimizer.norm_weight_decay == 0.0
     assert float(optimizer._learning_rate(0)) == pytest.approx(0.1 * 0.067)  # warmup capped at one epoch (10 steps)
-    # The batch follows the frame: 2 images of 800 x 800 at most, 8 of 256 x 256.
-    assert plan_training([(256, 256)], 64, 1, False, recipe="lsj").batch_size == 8
+    # The batch follows the frame: 2 images of 800 x 800 at most, 4 of 256 x 256, 8 of 160 x 160.
+    assert plan_training([(256, 256)], 64, 1, False, recipe="lsj").batch_size == 4
+    assert plan_training([(160, 160)], 64, 1, False, recipe="lsj").batch_size == 8
 
 
 @needs_multiscale
