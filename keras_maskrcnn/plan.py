@@ -22,8 +22,8 @@
 * **Batch**: 2 images at large sizes (torchvision's per-GPU batch), more for small images
   (trainable batch norm needs several images per batch): about 256 x 256 x 4 pixels. For a fixed
   number of epochs from scratch, batch 4 at 256 x 256 learnt more than batch 8 (twice the steps,
-  held-out segm AP50 0.630 against 0.603, four seeds each) in 20 % less time per epoch
-  (BENCHMARKS.md, "Session 17").
+  held-out segm AP50 0.630 against 0.603, four seeds each), in about 20 % less time per epoch in
+  bfloat16 and the same in float32 (BENCHMARKS.md, "Session 17").
 * **Precision**: ``"auto"`` (:mod:`keras_maskrcnn.precision`).
 
 Everything the user sets explicitly wins; :meth:`TrainingPlan.describe` says what was chosen,
