@@ -55,10 +55,10 @@ BATCH_PIXELS = 4 * 256 * 256
 MAX_AUTO_BATCH = 8
 DEFAULT_EPOCHS = 12  # without a recipe
 # From scratch, held-out AP still rises steeply until about this many training images seen (the
-# small preset on synthetic shapes, BENCHMARKS.md: 1920 images seen -> segm AP50 0.33 at any batch
-# size, 4000 -> 0.62; from_scratch_config: 1920 -> 0.50-0.56, 5120 -> 0.77); a shorter
+# plan's from_scratch_config at batch 4 on 160 synthetic shapes, BENCHMARKS.md "Session 17": 1920
+# images seen -> segm AP50 0.60-0.69, 3200 -> 0.75; session 9's plan: 5120 -> 0.77); a shorter
 # from-scratch plan says so.
-FROM_SCRATCH_IMAGES_SEEN = 5000
+FROM_SCRATCH_IMAGES_SEEN = 3200
 # AdamW from scratch warms up over 40 % of a short run, at most 100 steps: the 20 steps (one epoch)
 # it had before left the box head's classifier at the class prior for two epochs (BENCHMARKS.md,
 # "Session 16").

@@ -55,8 +55,10 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     text = plan.describe()
     for expected in ("resnet18", "256", "float32", "40 steps per epoch", "adamw", "after 100 warmup steps"):
         assert expected in text
-    # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 5000.
-    assert "1920 images seen" in text and "--epochs 32" in text
+    # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 3200.
+    assert "1920 images seen" in text and "--epochs 20" in text
+    assert "--epochs 27" in plan_training([(256, 256)] * 120, 120, epochs=12, pretrained=False).describe()
+    assert plan_training([(256, 256)] * 160, 160, epochs=20, pretrained=False).note is None
     longer = plan_training([(256, 256)] * 160, 160, epochs=32, pretrained=False)
     assert longer.note is None and longer.warmup_steps == 100
     schedule = longer.build_optimizer()._learning_rate
