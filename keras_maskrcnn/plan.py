@@ -37,12 +37,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 
 from keras_maskrcnn import presets, transform
 from keras_maskrcnn.callbacks import EpochTimeEstimate  # noqa: F401  (re-exported: it was defined here)
+from keras_maskrcnn.model_training import checked_loss_weights
 from keras_maskrcnn.optimizers import build_optimizer
 from keras_maskrcnn.precision import resolve_policy
 from keras_maskrcnn.recipes import Recipe, augmentation_options, augmentation_supported, check_augmentation, get_recipe
@@ -178,6 +179,9 @@ class TrainingPlan:
             extras.append("decay at steps " + ", ".join(str(s) for s in self.decay_steps))
         if self.norm_weight_decay is not None:
             extras.append(f"norm weight decay {self.norm_weight_decay:g}")
+        weights = {k: w for k, w in (self.model_config.get("loss_weights") or {}).items() if w != 1.0}
+        if weights:
+            extras.append("loss weights " + ", ".join(f"{k} x{w:g}" for k, w in weights.items()))
         return "\n".join(["Training plan:"] + recipe + [
             f"  model      {self.model_name}",
             f"  images     short side {self.min_size}, long side at most {self.max_size} px",
@@ -250,6 +254,7 @@ def plan_training(
     sync_batch_norm: Optional[bool] = None,
     norm_weight_decay: Optional[float] = None,
     copy_paste: Optional[bool] = None,
+    loss_weights: Optional[Mapping[str, float]] = None,
 ) -> TrainingPlan:
     """The plan for training on ``num_images`` images of ``image_sizes`` for ``epochs`` epochs.
 
@@ -259,7 +264,9 @@ def plan_training(
     weights will be loaded. ``augmentation`` names a data-pipeline preset (``ValueError`` if the
     pipeline does not offer it); ``momentum`` defaults to 0.9. ``precision="auto"`` is resolved
     here (logged). ``copy_paste`` pastes objects between the images of each batch
-    (:mod:`keras_maskrcnn.data.copy_paste`; off unless asked).
+    (:mod:`keras_maskrcnn.data.copy_paste`; off unless asked). ``loss_weights`` replaces the
+    model's weights of its five losses (:class:`~keras_maskrcnn.MaskRCNN`'s ``loss_weights``: those
+    not named weigh 1; the from-scratch preset weighs the classification loss 4).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
@@ -268,6 +275,9 @@ def plan_training(
     min_size, max_size = _image_size(image_sizes, min_size, max_size)
     model_name, config = _model(pretrained, backbone, min_size, max_size, recipe, backbone_norm,
                                 trainable_backbone_layers)
+    if loss_weights is not None:
+        checked_loss_weights(loss_weights)  # ValueError for an unknown name or a bad weight, before training
+        config["loss_weights"] = dict(loss_weights) or None
     augmentation = augmentation or (recipe.augmentation if recipe else None)
     if augmentation is not None:
         check_augmentation(augmentation)

@@ -73,7 +73,7 @@ HELP_OPTIONS = {
         "--momentum", "--weight-decay", "--warmup-steps", "--backbone", "--min-size", "--max-size",
         "--val-annotations", "--val-images", "--eval-every", "--mixed-precision", "--steps-per-epoch",
         "--resume", "--seed", "--clipnorm", "--lr-schedule", "--backbone-norm", "mixed_bfloat16", "mixed_float16",
-        "--strategy", "--backup-every", "resnet18",
+        "--strategy", "--backup-every", "resnet18", "--loss-weights",
     ],
     "evaluate": ["--annotations", "--images", "--model", "--max-images", "--results"],
     "predict": ["--model", "--output", "--score-threshold", "--classes", "IMAGE"],
@@ -310,3 +310,28 @@ def test_train_without_options_prints_and_follows_its_plan(tmp_path, coco_dir, m
     assert any(type(c).__name__ == "EpochTimeEstimate" for c in seen["callbacks"])
     inputs, _ = next(iter(seen["dataset"]))
     assert inputs["images"].shape[1:3] == (SIZE, SIZE)  # not enlarged to 800
+    assert model.loss_weights["class_loss"] == 4.0 and "loss weights class_loss x4" in out
+
+
+def test_train_loss_weights_replace_the_plans(tmp_path, coco_dir, monkeypatch, capsys):
+    import keras_maskrcnn.train as train_module
+
+    directory, annotations = coco_dir
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda model, dataset, output, **kw: seen.update(model=model))
+    code = _run(["train", "--annotations", annotations, "--images", str(directory), "--output", str(tmp_path / "run"),
+                 "--epochs", "1", "--mixed-precision", "float32", "--loss-weights", "class_loss=1", "mask_loss=0.5"])
+    assert code == 0
+    assert seen["model"].loss_weights == dict(
+        rpn_objectness_loss=1.0, rpn_box_loss=1.0, class_loss=1.0, box_loss=1.0, mask_loss=0.5)
+    assert "loss weights mask_loss x0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, message", [("cls_loss=2", "NAME=W with NAME one of"), ("mask_loss", "NAME=W"),
+                                            ("mask_loss=x", "is not a number"), ("mask_loss=-1", ">= 0")])
+def test_train_bad_loss_weight_is_a_usage_error(value, message, tmp_path, capsys):
+    code = _run(["train", "--synthetic", "4", "--output", str(tmp_path / "out"), "--loss-weights", value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--loss-weights" in err and message in err
+    assert not os.path.exists(tmp_path / "out")

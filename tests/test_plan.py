@@ -44,6 +44,7 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert plan.model_config["backbone_norm"] == "batch_norm"
     assert plan.model_config["trainable_backbone_layers"] == 5
     assert plan.model_config["box_gt_jitter_copies"] == 4 and plan.model_config["fpn_channels"] == 128
+    assert plan.model_config["loss_weights"] == {"class_loss": 4.0}
     assert (plan.min_size, plan.max_size) == (256, 256)
     assert plan.batch_size == 4 and plan.steps_per_epoch == 40 and plan.total_steps == 480
     assert (plan.optimizer, plan.schedule) == ("adamw", "cosine")
@@ -53,7 +54,8 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert plan_training([(256, 256)] * 160, 160, epochs=5, pretrained=False).warmup_steps == 80  # 40 % of 200
     assert plan.precision == "float32"
     text = plan.describe()
-    for expected in ("resnet18", "256", "float32", "40 steps per epoch", "adamw", "after 100 warmup steps"):
+    for expected in ("resnet18", "256", "float32", "40 steps per epoch", "adamw", "after 100 warmup steps",
+                     "loss weights class_loss x4"):
         assert expected in text
     # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 3200.
     assert "1920 images seen" in text and "--epochs 20" in text
@@ -129,3 +131,18 @@ def test_epoch_time_estimate_reports_once():
     # First step 30 s; then 2 s per step: 40 s (0.7 min) per epoch, 8 min for 12 epochs.
     assert "first step 30 s" in printed[0] and "2.00 s per step" in printed[0]
     assert "0.7 min per epoch" in printed[0] and "8 min for 12 epochs" in printed[0]
+
+
+def test_loss_weights_replace_the_presets(monkeypatch):
+    monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32")
+    sizes = [(256, 256)] * 16
+    plan = plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={"mask_loss": 2.0})
+    assert plan.model_config["loss_weights"] == {"mask_loss": 2.0}  # replaced, not merged: class_loss back to 1
+    assert "loss weights mask_loss x2" in plan.describe() and "class_loss" not in plan.describe()
+    plain = plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={})
+    assert plain.model_config["loss_weights"] is None and "loss weights" not in plain.describe()
+    assert plan_training(sizes, 16, epochs=1, pretrained=True).model_config["loss_weights"] is None  # torchvision's
+    with pytest.raises(ValueError, match="cls_loss"):
+        plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={"cls_loss": 2.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={"class_loss": -1.0})

@@ -144,6 +144,10 @@ def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
                        "100 for adamw)")
     optim.add_argument("--clipnorm", metavar="X", type=float,
                        help="clip the global gradient norm to X (0: no clipping; default: none for sgd, 10 for adamw)")
+    optim.add_argument("--loss-weights", metavar="NAME=W", nargs="+", type=_loss_weight,
+                       help="weights of the losses in the total, e.g. class_loss=1 (names: rpn_objectness_loss, "
+                       "rpn_box_loss, class_loss, box_loss, mask_loss; those not named weigh 1; default: "
+                       "class_loss=4 from scratch, else all 1)")
 
 
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +171,22 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction,
                         help="batch norm statistics over all replicas of --strategy (default: the --recipe's, "
                         "else off)")
+
+
+def _loss_weight(text: str) -> Tuple[str, float]:
+    """``NAME=W`` -> ``(NAME, W)`` for ``--loss-weights``."""
+    from keras_maskrcnn.model_training import LOSS_NAMES
+
+    name, sep, value = text.partition("=")
+    if not sep or name not in LOSS_NAMES:
+        raise argparse.ArgumentTypeError(f"expected NAME=W with NAME one of {', '.join(LOSS_NAMES)}, got {text!r}")
+    try:
+        weight = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: weight {value!r} is not a number") from None
+    if not weight >= 0.0 or weight == float("inf"):
+        raise argparse.ArgumentTypeError(f"{name}: weight must be finite and >= 0, got {value}")
+    return name, weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +242,7 @@ def _plan(args: argparse.Namespace, data: Any):
         decay_epochs=args.lr_decay_epochs, trainable_backbone_layers=args.trainable_backbone_layers,
         backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm, recipe=args.recipe,
         augmentation=args.augmentation, sync_batch_norm=args.sync_batch_norm, norm_weight_decay=args.norm_weight_decay,
-        copy_paste=args.copy_paste,
+        copy_paste=args.copy_paste, loss_weights=None if args.loss_weights is None else dict(args.loss_weights),
     )
 
 
@@ -231,7 +251,7 @@ def _preset_model(name: str, num_classes: int, plan: Any):
     image size and trainable stages."""
     from keras_maskrcnn.model import MaskRCNN
 
-    keep = ("min_size", "max_size", "trainable_backbone_layers")
+    keep = ("min_size", "max_size", "trainable_backbone_layers", "loss_weights")
     return MaskRCNN.from_preset(name, num_classes=num_classes, **{k: plan.model_config[k] for k in keep})
 
 
