@@ -9,8 +9,8 @@
 * **Model**: with pretrained backbone weights, torchvision's ResNet-50 FPN configuration
   (frozen batch norm, three trainable stages). Without weights, the from-scratch preset
   (:func:`keras_maskrcnn.presets.from_scratch_config`: ResNet-18, trainable batch norm, a
-  128-channel FPN, jittered ground truth RoIs) at the data's size: a ResNet-50 from scratch
-  learns nothing in the time a CPU has.
+  128-channel FPN, jittered ground truth RoIs, the classification loss weighted 4x) at the data's
+  size: a ResNet-50 from scratch learns nothing in the time a CPU has.
 * **Recipe**: with weights, torchvision's schedule (SGD momentum 0.9, lr 0.02 per 16 images,
   warmup, step decay) with Keras' decoupled weight decay (``"sgd"``; torchvision's coupled L2 is
   the ``torchvision_v1`` recipe's ``"sgd_l2"``). Without, the from-scratch recipe of
