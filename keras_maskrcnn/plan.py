@@ -56,8 +56,8 @@ BATCH_PIXELS = 4 * 256 * 256
 MAX_AUTO_BATCH = 8
 DEFAULT_EPOCHS = 12  # without a recipe
 # From scratch, held-out AP still rises steeply until about this many training images seen (the
-# plan's from_scratch_config at batch 4 on 160 synthetic shapes, BENCHMARKS.md "Session 17": 1920
-# images seen -> segm AP50 0.60-0.69, 3200 -> 0.75; session 9's plan: 5120 -> 0.77); a shorter
+# plan's from_scratch_config at batch 4 on 160 synthetic shapes, BENCHMARKS.md "Session 18": 1920
+# images seen -> segm AP50 0.63-0.72, 3200 -> 0.79; session 9's plan: 5120 -> 0.77); a shorter
 # from-scratch plan says so.
 FROM_SCRATCH_IMAGES_SEEN = 3200
 # AdamW from scratch warms up over 40 % of a short run, at most 100 steps: the 20 steps (one epoch)
