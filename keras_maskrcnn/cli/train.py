@@ -174,18 +174,22 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _loss_weight(text: str) -> Tuple[str, float]:
-    """``NAME=W`` -> ``(NAME, W)`` for ``--loss-weights``."""
-    from keras_maskrcnn.model_training import LOSS_NAMES
+    """``NAME=W`` -> ``(NAME, W)`` for ``--loss-weights``; names and weights checked by the model's
+    own rule (:func:`keras_maskrcnn.model_training.checked_loss_weights`)."""
+    from keras_maskrcnn.model_training import LOSS_NAMES, checked_loss_weights
 
+    usage = f"expected NAME=W with NAME one of {', '.join(LOSS_NAMES)} and W >= 0, got {text!r}"
     name, sep, value = text.partition("=")
-    if not sep or name not in LOSS_NAMES:
-        raise argparse.ArgumentTypeError(f"expected NAME=W with NAME one of {', '.join(LOSS_NAMES)}, got {text!r}")
+    if not sep:
+        raise argparse.ArgumentTypeError(usage)
     try:
         weight = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{name}: weight {value!r} is not a number") from None
-    if not weight >= 0.0 or weight == float("inf"):
-        raise argparse.ArgumentTypeError(f"{name}: weight must be finite and >= 0, got {value}")
+    try:
+        checked_loss_weights({name: weight})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{usage}: {error}") from None
     return name, weight
 
 
