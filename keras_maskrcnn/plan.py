@@ -24,6 +24,10 @@
   number of epochs from scratch, batch 4 at 256 x 256 learnt more than batch 8 (twice the steps,
   held-out segm AP50 0.630 against 0.603, four seeds each), in about 20 % less time per epoch in
   bfloat16 and the same in float32 (BENCHMARKS.md, "Session 17").
+* **Mirror copies** (from scratch only): each batch also holds the horizontal mirror of each of
+  its images (batch augmentation, Hoffer et al. 2019): twice the compute per step for the same
+  steps and epochs, and for a fixed number of epochs from scratch more held-out AP than either
+  the plain batch or a batch of twice as many distinct images (BENCHMARKS.md, "Session 19").
 * **Precision**: ``"auto"`` (:mod:`keras_maskrcnn.precision`).
 
 Everything the user sets explicitly wins; :meth:`TrainingPlan.describe` says what was chosen,
@@ -93,6 +97,7 @@ class TrainingPlan:
     augmentation_options: Optional[Dict[str, Any]] = None
     sync_batch_norm: bool = False
     copy_paste: bool = False  # data.copy_paste between the images of each batch
+    mirror_copies: bool = False  # each image also mirrored in its batch (data.coco_dataset's mirror_copies)
     note: Optional[str] = None  # advice printed with the plan
 
     @property
@@ -133,6 +138,8 @@ class TrainingPlan:
         ``repeat`` for a fixed number of steps per epoch; ``augmentation`` (with its options) goes to
         the pipeline (``ValueError`` if it does not offer it)."""
         augment = dict(copy_paste=True) if self.copy_paste else {}
+        if self.mirror_copies:
+            augment.update(mirror_copies=True)
         if self.augmentation is not None:
             check_augmentation(self.augmentation)
             if augmentation_supported():
@@ -174,6 +181,8 @@ class TrainingPlan:
         if self.augmentation:
             extras.append(f"{self.augmentation} augmentation{_options_text(self.augmentation_options)}")
         extras += ["copy-paste"] if self.copy_paste else []
+        if self.mirror_copies:
+            extras.append(f"each image also mirrored in its batch ({2 * self.batch_size} views per step)")
         extras += ["synchronized batch norm"] if self.sync_batch_norm else []
         if self.decay_steps and self.schedule == "step":
             extras.append("decay at steps " + ", ".join(str(s) for s in self.decay_steps))
@@ -255,6 +264,7 @@ def plan_training(
     norm_weight_decay: Optional[float] = None,
     copy_paste: Optional[bool] = None,
     loss_weights: Optional[Mapping[str, float]] = None,
+    mirror_copies: Optional[bool] = None,
 ) -> TrainingPlan:
     """The plan for training on ``num_images`` images of ``image_sizes`` for ``epochs`` epochs.
 
@@ -266,7 +276,9 @@ def plan_training(
     here (logged). ``copy_paste`` pastes objects between the images of each batch
     (:mod:`keras_maskrcnn.data.copy_paste`; off unless asked). ``loss_weights`` replaces the
     model's weights of its five losses (:class:`~keras_maskrcnn.MaskRCNN`'s ``loss_weights``: those
-    not named weigh 1; the from-scratch preset weighs the classification loss 4).
+    not named weigh 1; the from-scratch preset weighs the classification loss 4). ``mirror_copies``
+    puts each image in its batch twice, as is and mirrored (``None``: on for the from-scratch plan,
+    off with weights or a recipe).
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
@@ -313,6 +325,7 @@ def plan_training(
         augmentation_options=options,
         sync_batch_norm=bool(recipe and recipe.sync_batch_norm) if sync_batch_norm is None else sync_batch_norm,
         copy_paste=bool(copy_paste),
+        mirror_copies=not (pretrained or recipe) if mirror_copies is None else bool(mirror_copies),
         note=None if pretrained or recipe else _from_scratch_note(epochs, steps * batch_size),
     )
 

@@ -73,7 +73,7 @@ HELP_OPTIONS = {
         "--momentum", "--weight-decay", "--warmup-steps", "--backbone", "--min-size", "--max-size",
         "--val-annotations", "--val-images", "--eval-every", "--mixed-precision", "--steps-per-epoch",
         "--resume", "--seed", "--clipnorm", "--lr-schedule", "--backbone-norm", "mixed_bfloat16", "mixed_float16",
-        "--strategy", "--backup-every", "resnet18", "--loss-weights",
+        "--strategy", "--backup-every", "resnet18", "--loss-weights", "--mirror-copies",
     ],
     "evaluate": ["--annotations", "--images", "--model", "--max-images", "--results"],
     "predict": ["--model", "--output", "--score-threshold", "--classes", "IMAGE"],
@@ -325,6 +325,20 @@ def test_train_loss_weights_replace_the_plans(tmp_path, coco_dir, monkeypatch, c
     assert seen["model"].loss_weights == dict(
         rpn_objectness_loss=1.0, rpn_box_loss=1.0, class_loss=1.0, box_loss=1.0, mask_loss=0.5)
     assert "loss weights mask_loss x0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, mirrored", [([], True), (["--no-mirror-copies"], False)])
+def test_train_mirror_copies_from_scratch_by_default(flag, mirrored, tmp_path, coco_dir, monkeypatch, capsys):
+    import keras_maskrcnn.train as train_module
+
+    directory, annotations = coco_dir
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda model, dataset, output, **kw: seen.update(dataset=dataset))
+    code = _run(["train", "--annotations", annotations, "--images", str(directory), "--output", str(tmp_path / "run"),
+                 "--epochs", "1", "--mixed-precision", "float32", "--batch-size", "2", *flag])
+    assert code == 0
+    assert ("each image also mirrored in its batch (4 views per step)" in capsys.readouterr().out) == mirrored
+    assert seen["dataset"].element_spec[0]["images"].shape[0] == (4 if mirrored else 2)
 
 
 @pytest.mark.parametrize("value, message", [("cls_loss=2", "NAME=W with NAME one of"), ("mask_loss", "NAME=W"),

@@ -352,6 +352,35 @@ def test_horizontal_flip(coco_files):
             assert (full_flipped == full[:, ::-1]).mean() > 0.995
 
 
+@pytest.mark.parametrize("max_instances", [None, 4])
+def test_mirror_copies_follow_each_image(coco_files, max_instances):
+    """Each training image (randomly flipped or not) is followed in its batch by its mirror: the
+    valid region reversed left to right, boxes x -> w - x, mask columns reversed, classes equal."""
+    path, image_dir = coco_files
+    common = dict(batch_size=3, min_size=64, max_size=100, max_instances=max_instances, training=True,
+                  seed=int(np.random.default_rng().integers(1 << 30)))
+    inputs, targets = _first_batch(coco_dataset(path, image_dir, mirror_copies=True, **common))
+    plain_inputs, _ = _first_batch(coco_dataset(path, image_dir, **common))
+    assert inputs["images"].shape[0] == 6 and targets["boxes"].shape[0] == 6
+    # The same images in the same order (the mirror copies draw no randomness of their own).
+    np.testing.assert_array_equal(inputs["image_sizes"][::2], plain_inputs["image_sizes"])
+    for b in range(0, 6, 2):
+        h, w = inputs["image_sizes"][b].numpy()
+        np.testing.assert_array_equal(inputs["image_sizes"][b + 1], [h, w])
+        np.testing.assert_array_equal(inputs["images"][b + 1, :h, :w], inputs["images"][b, :h, :w][:, ::-1])
+        assert not inputs["images"][b + 1, h:].numpy().any() and not inputs["images"][b + 1, :, w:].numpy().any()
+        boxes = targets["boxes"][b].numpy()
+        valid = targets["classes"][b].numpy() > 0
+        expected = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1) * valid[:, None]
+        np.testing.assert_allclose(targets["boxes"][b + 1].numpy(), expected, atol=1e-4)
+        np.testing.assert_array_equal(targets["classes"][b + 1], targets["classes"][b])
+        np.testing.assert_array_equal(targets["masks"][b + 1], targets["masks"][b].numpy()[..., ::-1])
+    assert (targets["classes"].numpy() > 0).sum() == 2 * 5  # images 10 and 20: 3 + 2 instances, twice
+    # Evaluation sets are never mirrored.
+    eval_inputs, _ = _first_batch(coco_dataset(path, image_dir, batch_size=3, training=False, mirror_copies=True))
+    assert eval_inputs["images"].shape[0] == 3
+
+
 def test_training_is_reproducible_with_seed(coco_files):
     path, image_dir = coco_files
 

@@ -54,8 +54,9 @@ def test_from_scratch_plan_is_the_from_scratch_preset_with_adamw(monkeypatch):
     assert plan_training([(256, 256)] * 160, 160, epochs=5, pretrained=False).warmup_steps == 80  # 40 % of 200
     assert plan.precision == "float32"
     text = plan.describe()
+    assert plan.mirror_copies
     for expected in ("resnet18", "256", "float32", "40 steps per epoch", "adamw", "after 100 warmup steps",
-                     "loss weights class_loss x4"):
+                     "loss weights class_loss x4", "each image also mirrored in its batch (8 views per step)"):
         assert expected in text
     # 12 epochs of 160 images are 1920 images seen: the plan says how many epochs reach 3200.
     assert "1920 images seen" in text and "--epochs 20" in text
@@ -146,3 +147,33 @@ def test_loss_weights_replace_the_presets(monkeypatch):
         plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={"cls_loss": 2.0})
     with pytest.raises(ValueError, match=">= 0"):
         plan_training(sizes, 16, epochs=1, pretrained=False, loss_weights={"class_loss": -1.0})
+
+
+def test_mirror_copies_from_scratch_only_unless_asked(monkeypatch):
+    monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32")
+    sizes = [(256, 256)] * 16
+    assert plan_training(sizes, 16, epochs=1, pretrained=False).mirror_copies
+    pretrained = plan_training(sizes, 16, epochs=1, pretrained=True)
+    assert not pretrained.mirror_copies and "mirrored" not in pretrained.describe()
+    assert not plan_training(sizes, 16, epochs=1, pretrained=False, recipe="torchvision_v1").mirror_copies
+    assert not plan_training(sizes, 16, epochs=1, pretrained=False, mirror_copies=False).mirror_copies
+    assert plan_training(sizes, 16, epochs=1, pretrained=True, mirror_copies=True).mirror_copies
+
+
+def test_plan_dataset_carries_the_mirror_copies(monkeypatch):
+    """The planned pipeline gives each step batch_size images and their mirrors; steps per epoch
+    and the schedule count images, as without copies."""
+    from keras_maskrcnn.model import MaskRCNN
+    from keras_maskrcnn.training_data import synthetic_training_data
+
+    monkeypatch.setattr(plan_module, "resolve_policy", lambda p: "float32")
+    data = synthetic_training_data(8, 64, seed=int(np.random.default_rng().integers(1000)))
+    model = MaskRCNN(num_classes=data.num_classes, backbone="resnet18", min_size=64, max_size=64)
+    for copies, views in ((True, 8), (False, 4)):
+        plan = plan_training(data.image_sizes, data.num_images, epochs=1, pretrained=False, batch_size=4,
+                             mirror_copies=copies)
+        assert plan.steps_per_epoch == 2
+        inputs, targets = next(iter(plan.build_dataset(data, model, seed=1)))
+        assert inputs["images"].shape[0] == views and targets["boxes"].shape[0] == views
+    np.testing.assert_array_equal(inputs["images"][0].numpy()[:, ::-1], next(iter(
+        plan_training(data.image_sizes, 8, 1, False, batch_size=4).build_dataset(data, model, seed=1)))[0]["images"][1])

@@ -168,6 +168,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--copy-paste", action="store_true",
                         help="simple copy-paste: each training image receives a random subset of the objects of "
                         "another image of its batch (torchvision's --use-copypaste; Ghiasi et al. 2021)")
+    recipe.add_argument("--mirror-copies", action=argparse.BooleanOptionalAction,
+                        help="each batch also holds the horizontal mirror of each of its images: twice the work "
+                        "per step, more learnt per epoch (batch augmentation; default: on when training from "
+                        "scratch, else off)")
     recipe.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction,
                         help="batch norm statistics over all replicas of --strategy (default: the --recipe's, "
                         "else off)")
@@ -247,6 +251,7 @@ def _plan(args: argparse.Namespace, data: Any):
         backbone_norm=None if args.backbone_norm == "auto" else args.backbone_norm, recipe=args.recipe,
         augmentation=args.augmentation, sync_batch_norm=args.sync_batch_norm, norm_weight_decay=args.norm_weight_decay,
         copy_paste=args.copy_paste, loss_weights=None if args.loss_weights is None else dict(args.loss_weights),
+        mirror_copies=args.mirror_copies,
     )
 
 

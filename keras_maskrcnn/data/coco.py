@@ -84,6 +84,7 @@ def coco_dataset(
     augmentation: Union[str, Augmentation, None] = "flip",
     augmentation_options: Optional[Mapping[str, Any]] = None,
     copy_paste: bool = False,
+    mirror_copies: bool = False,
 ) -> tf.data.Dataset:
     """A batched, prefetched ``tf.data.Dataset`` of ``(inputs, targets)`` from a COCO file.
 
@@ -126,6 +127,9 @@ def coco_dataset(
             ``"lsj"`` or ``{"min_sizes": (320, 352)}`` for ``"multiscale"``.
         copy_paste: simple copy-paste between the images of each training batch
             (:mod:`keras_maskrcnn.data.copy_paste`; torchvision's ``--use-copypaste``).
+        mirror_copies: each training image enters its batch twice, as is and horizontally
+            mirrored (after ``augmentation``): ``2 * batch_size`` views per batch, each image
+            followed by its mirror (batch augmentation, Hoffer et al. 2019, "Augment your batch").
 
     The :class:`CocoSource` (category mapping, class names) is attached as ``.coco_source``
     (and ``.source``, the name the synthetic dataset uses too); it is lost by further
@@ -156,6 +160,7 @@ def coco_dataset(
         augmentation=augmentation,
         augmentation_options=augmentation_options,
         copy_paste=copy_paste,
+        mirror_copies=mirror_copies,
     )
     dataset.coco_source = dataset.source = source
     return dataset

@@ -83,6 +83,10 @@ def _load_tensors(load_numpy: Callable, index: tf.Tensor, mask_size: int) -> Tup
     )
 
 
+def _two_elements(first, second) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensors(first).concatenate(tf.data.Dataset.from_tensors(second))
+
+
 def build_dataset(
     num_examples: int,
     load_example: Callable[[int], Example],
@@ -102,6 +106,7 @@ def build_dataset(
     augmentation: Union[str, augment.Augmentation, None] = "flip",
     augmentation_options: Optional[Mapping[str, Any]] = None,
     copy_paste: bool = False,
+    mirror_copies: bool = False,
 ) -> tf.data.Dataset:
     """The ``tf.data`` pipeline behind :func:`~keras_maskrcnn.data.coco.coco_dataset` for any
     per-index example loader (arguments as there).
@@ -113,7 +118,9 @@ def build_dataset(
     or an :class:`~keras_maskrcnn.data.augment.Augmentation`; ``augmentation_options`` go to the
     preset), evaluation images only through the resize rule. ``copy_paste`` (training only) then
     pastes objects between the images of each batch (:mod:`keras_maskrcnn.data.copy_paste`).
-    Random draws are stateless ops
+    ``mirror_copies`` (training only) puts each augmented image in its batch twice, as is and
+    horizontally mirrored: batches of ``2 * batch_size`` views of ``batch_size`` images (batch
+    augmentation, Hoffer et al. 2019), each image followed by its mirror. Random draws are stateless ops
     seeded from ``Dataset.random(seed)``, so the output is reproducible given ``seed``.
     """
     if shuffle is None:
@@ -123,20 +130,28 @@ def build_dataset(
         augmentation, min_size, max_size, flip_probability, **dict(augmentation_options or {})
     )
 
+    mirror_copies = bool(mirror_copies and training)
+
+    def element(image, boxes, classes, masks, inputs):
+        inputs = dict(inputs, images=transform.pad_to_multiple(image, size_divisible), image_sizes=tf.shape(image)[:2])
+        if max_instances is not None:
+            boxes, classes, masks = (_pad_instances(t, max_instances) for t in (boxes, classes, masks))
+        return inputs, {"boxes": boxes, "classes": classes, "masks": masks}
+
     def prepare(index, random_seed):
         image, boxes, classes, masks, image_id = _load_tensors(load_numpy, index, mask_size)
-        if training:
-            image, boxes, classes, masks = augmentation(image, boxes, classes, masks, random_seed)
-            inputs = {}
-        else:
+        if not training:
             original_size = tf.shape(image)[:2]
             image, scale = transform.resize_image(image, min_size, max_size)
             boxes = transform.boxes_to_resized(boxes, scale)
             inputs = {"image_ids": image_id, "original_sizes": original_size, "scales": scale}
-        inputs.update(images=transform.pad_to_multiple(image, size_divisible), image_sizes=tf.shape(image)[:2])
-        if max_instances is not None:
-            boxes, classes, masks = (_pad_instances(t, max_instances) for t in (boxes, classes, masks))
-        return inputs, {"boxes": boxes, "classes": classes, "masks": masks}
+            return element(image, boxes, classes, masks, inputs)
+        image, boxes, classes, masks = augmentation(image, boxes, classes, masks, random_seed)
+        if not mirror_copies:
+            return element(image, boxes, classes, masks, {})
+        # Mirrored before padding, so the mirror of the valid region stays at the top left.
+        mirror_image, mirror_boxes, mirror_masks = augment.horizontal_flip(image, boxes, masks)
+        return element(image, boxes, classes, masks, {}), element(mirror_image, mirror_boxes, classes, mirror_masks, {})
 
     dataset = tf.data.Dataset.range(num_examples)
     if shuffle:
@@ -146,7 +161,11 @@ def build_dataset(
     randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     dataset = tf.data.Dataset.zip((dataset, randoms))
     dataset = dataset.map(prepare, num_parallel_calls=num_parallel_calls)
-    dataset = dataset.padded_batch(batch_size, drop_remainder=drop_remainder)
+    if mirror_copies:
+        # Not stacked and unbatched: unbatch of an image without instances ([2, 0, ...]) crashes
+        # TensorFlow 2.21 (segmentation fault) on the next padded_batch.
+        dataset = dataset.flat_map(lambda view, mirror: _two_elements(view, mirror))
+    dataset = dataset.padded_batch(batch_size * (2 if mirror_copies else 1), drop_remainder=drop_remainder)
     if copy_paste and training:
         seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, seeds.batch(2))).map(
