@@ -364,6 +364,7 @@ def test_mirror_copies_follow_each_image(coco_files, max_instances):
     assert inputs["images"].shape[0] == 6 and targets["boxes"].shape[0] == 6
     # The same images in the same order (the mirror copies draw no randomness of their own).
     np.testing.assert_array_equal(inputs["image_sizes"][::2], plain_inputs["image_sizes"])
+    np.testing.assert_array_equal(inputs["images"][::2], plain_inputs["images"])
     for b in range(0, 6, 2):
         h, w = inputs["image_sizes"][b].numpy()
         np.testing.assert_array_equal(inputs["image_sizes"][b + 1], [h, w])
