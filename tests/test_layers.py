@@ -90,7 +90,10 @@ def test_proposal_layer_matches_numpy(rng):
     feats = [(24, 32), (12, 16), (6, 8)]
     anchors = [a.astype(np.float32) for a in ref.anchors((96, 128), feats, (16, 32, 64), (0.5, 1.0, 2.0))]
     total = sum(len(a) for a in anchors)
-    objectness = rng.normal(0, 2, (2, total)).astype(np.float32)
+    # Distinct logits in a random order, 0.004 apart (sigmoids at least about 1e-5 apart, far above
+    # float32's 6e-8 near 1): normal draws gave two proposals of equal float32 score, whose order
+    # is a tie either implementation may break its own way.
+    objectness = np.stack([rng.permutation(np.linspace(-6, 6, total)) for _ in range(2)]).astype(np.float32)
     deltas = rng.normal(0, 0.5, (2, total, 4)).astype(np.float32)
     deltas[0, :50, 2:] = -12  # tiny boxes, removed by min_size
     layer = ProposalLayer(pre_nms_top_n_test=300, post_nms_top_n_test=150, min_size=0.5)
