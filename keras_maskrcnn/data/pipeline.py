@@ -164,7 +164,7 @@ def build_dataset(
     if mirror_copies:
         # Not stacked and unbatched: unbatch of an image without instances ([2, 0, ...]) crashes
         # TensorFlow 2.21 (segmentation fault) on the next padded_batch.
-        dataset = dataset.flat_map(lambda view, mirror: _two_elements(view, mirror))
+        dataset = dataset.flat_map(_two_elements)
     dataset = dataset.padded_batch(batch_size * (2 if mirror_copies else 1), drop_remainder=drop_remainder)
     if copy_paste and training:
         seeds = tf.data.Dataset.random(seed=None if seed is None else seed + 1, rerandomize_each_iteration=True)
